@@ -1,0 +1,151 @@
+"""The one schema of an experiment config: every field, its default, and the checks on it.
+
+Experiment files in configs/ start from `base_config()` and override fields. `validate` rejects
+unknown fields (a typo such as `config.optimizer.learning_rte` must not be silently ignored) and
+values the trainer cannot honour, naming the field.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+
+import ml_collections
+
+METHODS = ("supervised",)  # "pseudoseg" lands with the PseudoSeg issue.
+OUTPUT_STRIDES = (8, 16)
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """All fields with their defaults (SPEC section 7 recipe where it applies)."""
+  config = ml_collections.ConfigDict()
+  config.method = "supervised"
+  config.seed = 0
+  config.total_steps = 30_000
+  config.batch_size = 64  # Global labeled batch, split over all devices and hosts.
+  config.crop_size = 513
+  config.eval_crop_size = 513
+  config.scales = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0)
+
+  config.data = ml_collections.ConfigDict()
+  config.data.name = "synthetic_shapes"
+  config.data.data_dir = ""  # TFDS data_dir; empty = TFDS default (~/tensorflow_datasets).
+  config.data.num_labeled = 0  # Take the first N images of the train pool as labeled; 0 = all.
+  config.data.train_split = "train"
+  config.data.eval_split = "validation"
+  config.data.num_classes = 7
+  config.data.ignore_label = 255
+  config.data.shuffle_buffer = 2_048
+
+  config.model = ml_collections.ConfigDict()
+  config.model.backbone = "resnet50"
+  config.model.deep_stem = False
+  config.model.output_stride = 16
+  config.model.aspp_rates = (6, 12, 18)
+  config.model.aspp_channels = 256
+  config.model.decoder_channels = 256
+  config.model.low_level_channels = 48
+  config.model.aspp_dropout = 0.1  # TF keep_prob 0.9.
+  config.model.cls_dropout = 0.5
+  config.model.bn_momentum = 0.9
+  config.model.bn_epsilon = 1e-5
+  config.model.dtype = "float32"
+
+  config.optimizer = ml_collections.ConfigDict()
+  config.optimizer.learning_rate = 0.007
+  config.optimizer.momentum = 0.9
+  config.optimizer.poly_power = 0.9
+  config.optimizer.weight_decay = 4e-5
+  config.optimizer.end_learning_rate = 0.0
+
+  config.log_every = 50
+  config.eval_every = 1_000
+  config.checkpoint_every = 1_000
+  config.keep_checkpoints = 3
+  config.eval_batch_size = 16
+  return config
+
+
+def _flat_fields(config: ml_collections.ConfigDict, prefix: str = "") -> dict:
+  fields = {}
+  for key, value in config.items():
+    name = f"{prefix}{key}"
+    if isinstance(value, ml_collections.ConfigDict):
+      fields.update(_flat_fields(value, name + "."))
+    else:
+      fields[name] = value
+  return fields
+
+
+def _check_known_fields(config: ml_collections.ConfigDict) -> None:
+  known = _flat_fields(base_config())
+  for name in _flat_fields(config):
+    if name not in known:
+      close = difflib.get_close_matches(name, known, n=1)
+      hint = f" (did you mean '{close[0]}'?)" if close else ""
+      raise ValueError(f"Unknown config field '{name}'{hint}.")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming the first bad field."""
+  _check_known_fields(config)
+  if config.method not in METHODS:
+    raise ValueError(f"config.method must be one of {METHODS}, got {config.method!r}.")
+  if config.model.output_stride not in OUTPUT_STRIDES:
+    raise ValueError(
+        f"config.model.output_stride must be 8 or 16, got {config.model.output_stride}.")
+  for field in ("crop_size", "eval_crop_size"):
+    minimum = min_crop_size(config.model.output_stride)
+    if config[field] < minimum:
+      raise ValueError(
+          f"config.{field}={config[field]} is too small for output stride "
+          f"{config.model.output_stride}: the stride-{config.model.output_stride} feature map "
+          f"needs at least 2x2 positions, so the crop must be >= {minimum}.")
+  for field in ("total_steps", "batch_size", "log_every", "eval_every", "checkpoint_every",
+                "keep_checkpoints", "eval_batch_size"):
+    if config[field] < 1:
+      raise ValueError(f"config.{field} must be >= 1, got {config[field]}.")
+  if not config.scales or min(config.scales) <= 0:
+    raise ValueError(f"config.scales must be positive factors, got {config.scales}.")
+  if config.data.num_labeled < 0:
+    raise ValueError(f"config.data.num_labeled must be >= 0, got {config.data.num_labeled}.")
+  if config.data.num_classes < 2:
+    raise ValueError(f"config.data.num_classes must be >= 2, got {config.data.num_classes}.")
+
+
+def parse_args(arg: str | None, known: tuple, source: str) -> dict:
+  """The text after the colon of --config=FILE:ARGS, 'a=1,b=x' -> {'a': '1', 'b': 'x'}."""
+  parsed = {}
+  for item in filter(None, (arg or "").split(",")):
+    name, sep, value = item.partition("=")
+    if not sep:
+      raise ValueError(f"{source} argument {item!r} must look like name=value.")
+    if name.strip() not in known:
+      raise ValueError(f"Unknown {source} argument {name.strip()!r}; known: {', '.join(known)}.")
+    parsed[name.strip()] = value.strip()
+  return parsed
+
+
+def min_crop_size(output_stride: int) -> int:
+  """Smallest crop whose stride-`output_stride` feature map is at least 2x2 (ceil(n / os) >= 2)."""
+  return output_stride + 1
+
+
+def to_json(config: ml_collections.ConfigDict) -> str:
+  return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=list)
+
+
+# Fields that decide the shapes of the parameters: a checkpoint is only valid for the same values.
+MODEL_IDENTITY_FIELDS = ("model.backbone", "model.deep_stem", "model.aspp_channels",
+                         "model.decoder_channels", "model.low_level_channels", "data.num_classes")
+
+
+def model_identity(config_dict: dict) -> dict:
+  """The values of MODEL_IDENTITY_FIELDS in a (possibly JSON-loaded) config dict."""
+  identity = {}
+  for name in MODEL_IDENTITY_FIELDS:
+    value = config_dict
+    for part in name.split("."):
+      value = value.get(part) if isinstance(value, dict) else None
+    identity[name] = value
+  return identity

@@ -1,0 +1,88 @@
+"""Models: DeepLabv3+ on ResNet backbones, built from the `config.model` section.
+
+  model = build_model(config.model, num_classes=21, rngs=nnx.Rngs(0))
+  outputs = model(images, train=True, rngs=nnx.Rngs(dropout=key))
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from flax import nnx
+
+from pseudoseg_jax.models.deeplab import DeepLabV3Plus
+from pseudoseg_jax.models.resize import resize_bilinear
+from pseudoseg_jax.models.resnet import RESNET_SPECS, NormConfig, ResNet
+
+__all__ = ["DeepLabV3Plus", "ResNet", "build_model", "feature_size", "resize_bilinear",
+           "validate_model_config"]
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+OUTPUT_STRIDES = (8, 16)
+
+
+def _is_int(value) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _require(condition: bool, field: str, requirement: str, value) -> None:
+  if not condition:
+    raise ValueError(f"model.{field} must be {requirement}, got {value!r}.")
+
+
+def validate_model_config(model_config) -> None:
+  """Raises ValueError naming the first missing or bad field of `model_config`."""
+  fields = ("backbone", "deep_stem", "output_stride", "aspp_rates", "aspp_channels",
+            "decoder_channels", "low_level_channels", "aspp_dropout", "cls_dropout", "bn_momentum",
+            "bn_epsilon", "dtype")
+  missing = object()
+  values = {field: getattr(model_config, field, missing) for field in fields}
+  for field, value in values.items():
+    if value is missing:
+      raise ValueError(f"model.{field} is missing from the model config.")
+  backbone = values["backbone"]
+  _require(backbone in RESNET_SPECS, "backbone", f"one of {tuple(RESNET_SPECS)}", backbone)
+  _require(isinstance(values["deep_stem"], bool), "deep_stem", "a bool", values["deep_stem"])
+  _require(values["output_stride"] in OUTPUT_STRIDES and _is_int(values["output_stride"]),
+           "output_stride", "8 or 16", values["output_stride"])
+  rates = values["aspp_rates"]
+  _require(isinstance(rates, (tuple, list)) and len(rates) == 3
+           and all(_is_int(r) and r >= 1 for r in rates),
+           "aspp_rates", "3 positive ints", rates)
+  for field in ("aspp_channels", "decoder_channels", "low_level_channels"):
+    _require(_is_int(values[field]) and values[field] >= 1, field, "a positive int", values[field])
+  for field in ("aspp_dropout", "cls_dropout"):
+    _require(isinstance(values[field], (int, float)) and 0 <= values[field] < 1, field,
+             "a rate in [0, 1)", values[field])
+  _require(isinstance(values["bn_momentum"], (int, float)) and 0 <= values["bn_momentum"] <= 1,
+           "bn_momentum", "in [0, 1] (flax convention: running = m * running + (1 - m) * batch)",
+           values["bn_momentum"])
+  _require(isinstance(values["bn_epsilon"], (int, float)) and values["bn_epsilon"] > 0,
+           "bn_epsilon", "> 0", values["bn_epsilon"])
+  _require(values["dtype"] in DTYPES, "dtype", f"one of {tuple(DTYPES)}", values["dtype"])
+
+
+def build_model(model_config, num_classes: int, *, rngs: nnx.Rngs) -> DeepLabV3Plus:
+  """DeepLabv3+ for `num_classes` classes (background included) from a `config.model` section.
+
+  Parameters are float32; `model_config.dtype` is the compute dtype.
+  """
+  validate_model_config(model_config)
+  if not _is_int(num_classes) or num_classes < 2:
+    raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}.")
+  norm = NormConfig(momentum=float(model_config.bn_momentum),
+                    epsilon=float(model_config.bn_epsilon))
+  dtype = DTYPES[model_config.dtype]
+  backbone = ResNet(RESNET_SPECS[model_config.backbone], deep_stem=model_config.deep_stem,
+                    output_stride=model_config.output_stride, norm=norm, dtype=dtype, rngs=rngs)
+  return DeepLabV3Plus(
+      backbone, num_classes, aspp_rates=tuple(model_config.aspp_rates),
+      aspp_channels=model_config.aspp_channels, decoder_channels=model_config.decoder_channels,
+      low_level_channels=model_config.low_level_channels,
+      aspp_dropout=float(model_config.aspp_dropout), cls_dropout=float(model_config.cls_dropout),
+      norm=norm, dtype=dtype, rngs=rngs)
+
+
+def feature_size(input_size: int, stride: int) -> int:
+  """Spatial size after `stride` of symmetric-padded stride-2 ops: each maps n -> ceil(n / 2), so
+  513 -> 129 at stride 4 and 33 at stride 16; 97 -> 25 and 7."""
+  return -(-input_size // stride)

@@ -1,0 +1,103 @@
+"""Where metrics go: WORKDIR/metrics.jsonl, TensorBoard scalars, and a progress line on the console.
+
+Only process 0 writes; other processes get a writer that does nothing, so the train loop needs no
+`if jax.process_index() == 0` of its own.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+
+import numpy as np
+from absl import logging
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def _jsonable(value):
+  if isinstance(value, (list, tuple)):
+    return [_jsonable(v) for v in value]
+  value = np.asarray(value)
+  if value.ndim:
+    return [_jsonable(v) for v in value]
+  value = value.item()
+  if isinstance(value, float) and not math.isfinite(value):
+    return None if math.isnan(value) else str(value)
+  return value
+
+
+def truncate_metrics(workdir: str, last_step: int) -> None:
+  """Drops lines logged after `last_step` (the restored checkpoint) so a resumed run's curves have
+  no duplicate steps. Written to a temporary file and renamed: the file is never half-written."""
+  path = os.path.join(workdir, METRICS_FILE)
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= last_step]
+  with open(path + ".tmp", "w") as f:
+    f.writelines(kept)
+  os.replace(path + ".tmp", path)
+
+
+class MetricWriter:
+  """Appends one JSON object per call to metrics.jsonl and the scalars to TensorBoard."""
+
+  def __init__(self, workdir: str, enabled: bool = True):
+    self.enabled = enabled
+    self._path = os.path.join(workdir, METRICS_FILE)
+    self._summary_writer = None
+    if enabled:
+      import tensorflow as tf  # Imported lazily: only the writing process needs it.
+      self._tf = tf
+      self._summary_writer = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
+
+  def write(self, step: int, metrics: dict) -> None:
+    if not self.enabled:
+      return
+    record = {"step": int(step), **{k: _jsonable(v) for k, v in metrics.items()}}
+    with open(self._path, "a") as f:
+      f.write(json.dumps(record) + "\n")
+    with self._summary_writer.as_default(step=int(step)):
+      for name, value in record.items():
+        if name != "step" and isinstance(value, (int, float)):
+          self._tf.summary.scalar(name, value)
+    self._summary_writer.flush()
+
+  def close(self) -> None:
+    if self._summary_writer is not None:
+      self._summary_writer.close()
+
+
+def format_duration(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  hours, rest = divmod(seconds, 3600)
+  minutes, seconds = divmod(rest, 60)
+  return f"{hours}h{minutes:02d}m{seconds:02d}s" if hours else f"{minutes}m{seconds:02d}s"
+
+
+class Progress:
+  """Steps/s and ETA over the interval since the last report (compile time excluded after the
+  first report, since the first interval is measured from the first completed step)."""
+
+  def __init__(self, start_step: int, total_steps: int):
+    self.total_steps = total_steps
+    self._last_step = start_step
+    self._last_time = time.perf_counter()
+
+  def restart_clock(self, step: int) -> None:
+    self._last_step, self._last_time = step, time.perf_counter()
+
+  def report(self, step: int, metrics: dict) -> float:
+    now = time.perf_counter()
+    rate = (step - self._last_step) / max(now - self._last_time, 1e-9)
+    self._last_step, self._last_time = step, now
+    eta = (self.total_steps - step) / rate if rate > 0 else float("inf")
+    shown = " ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in metrics.items()
+                     if isinstance(v, float))
+    logging.info("step %d/%d (%.0f%%) %s | %.2f steps/s | ETA %s", step, self.total_steps,
+                 100 * step / self.total_steps, shown, rate,
+                 format_duration(eta) if math.isfinite(eta) else "?")
+    return rate

@@ -1,0 +1,33 @@
+"""pseudoseg-jax: PseudoSeg (Zou et al., ICLR 2021) in JAX/Flax."""
+
+from setuptools import find_packages, setup
+
+# Compatible ranges, each checked in a fresh virtualenv (see README). Upper bounds guard against
+# API breaks in the fast-moving JAX stack; widen them after running the tests.
+INSTALL_REQUIRES = [
+    "jax>=0.7.0,<0.11",
+    "flax>=0.11.2,<0.13",
+    "optax>=0.2.4,<0.3",
+    "orbax-checkpoint>=0.11.20,<0.13",
+    "tensorflow-cpu>=2.18,<2.22; platform_machine == 'x86_64'",
+    "tensorflow>=2.18,<2.22; platform_machine != 'x86_64'",
+    "tensorflow-datasets>=4.9.7,<4.10",
+    "ml-collections>=1.0,<1.2",
+    "absl-py>=2.1,<3",
+    "numpy>=1.26,<3",
+]
+
+setup(
+    name="pseudoseg-jax",
+    version="0.1.0",
+    description="PseudoSeg semi-supervised semantic segmentation in JAX/Flax",
+    long_description=open("README.md").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["pseudoseg_jax", "pseudoseg_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=INSTALL_REQUIRES,
+    extras_require={
+        "test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4"],
+    },
+    entry_points={"console_scripts": ["pseudoseg-train=pseudoseg_jax.main:run"]},
+)

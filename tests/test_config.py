@@ -1,0 +1,50 @@
+"""Config schema: unknown fields and impossible values are rejected with the field's name."""
+
+import pytest
+
+from pseudoseg_jax import config as config_lib
+from configs import demo
+
+
+def test_demo_config_is_valid_and_parses_its_arguments():
+  config = demo.get_config("method=supervised,num_labeled=50,steps=10")
+  config_lib.validate(config)
+  assert (config.method, config.data.num_labeled, config.total_steps) == ("supervised", 50, 10)
+
+
+@pytest.mark.parametrize("arg, message", [
+    ("nmu_labeled=3", "Unknown demo.py argument 'nmu_labeled'"),
+    ("steps", "must look like name=value"),
+])
+def test_demo_config_rejects_bad_arguments(arg, message):
+  with pytest.raises(ValueError, match=message):
+    demo.get_config(arg)
+
+
+def test_unknown_field_is_named_with_a_suggestion():
+  config = config_lib.base_config()
+  config.optimizer.learning_rte = 0.1
+  with pytest.raises(ValueError, match=r"'optimizer.learning_rte'.*'optimizer.learning_rate'"):
+    config_lib.validate(config)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("model.output_stride", 32, "output_stride must be 8 or 16, got 32"),
+    ("crop_size", 16, r"crop_size=16 is too small for output stride 16.*>= 17"),
+    ("eval_crop_size", 8, "eval_crop_size=8 is too small"),
+    ("method", "fixmatch", "config.method must be one of"),
+    ("total_steps", 0, "config.total_steps must be >= 1"),
+])
+def test_bad_values_are_named(field, value, message):
+  config = config_lib.base_config()
+  parent, _, leaf = field.rpartition(".")
+  (config[parent] if parent else config)[leaf] = value
+  with pytest.raises(ValueError, match=message):
+    config_lib.validate(config)
+
+
+def test_crop_limit_follows_the_output_stride():
+  config = config_lib.base_config()
+  config.model.output_stride = 8
+  config.crop_size = config.eval_crop_size = 9
+  config_lib.validate(config)  # 9 -> ceil(9 / 8) = 2 positions: allowed at OS 8.
