@@ -12,6 +12,8 @@ INSTALL_REQUIRES = [
     "tensorflow-cpu>=2.18,<2.22; platform_machine == 'x86_64'",
     "tensorflow>=2.18,<2.22; platform_machine != 'x86_64'",
     "tensorflow-datasets>=4.9.7,<4.10",
+    "importlib_resources>=5",  # tensorflow-datasets imports it without declaring it.
+    "tensorboard>=2.18,<3",  # tf.summary needs it; tensorflow 2.21 no longer pulls it in.
     "ml-collections>=1.0,<1.2",
     "absl-py>=2.1,<3",
     "numpy>=1.26,<3",

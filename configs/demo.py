@@ -23,7 +23,7 @@ def get_config(arg: str | None = None):
 
   config.data.name = "synthetic_shapes"
   config.data.num_labeled = int(args.get("num_labeled", 100))
-  config.data.num_classes = 7
+  config.data.num_classes = 8  # synthetic_shapes: background + 7 shapes.
   config.data.shuffle_buffer = 512
 
   config.model.backbone = "resnet_tiny"

@@ -33,7 +33,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.data.num_labeled = 0  # Take the first N images of the train pool as labeled; 0 = all.
   config.data.train_split = "train"
   config.data.eval_split = "validation"
-  config.data.num_classes = 7
+  config.data.num_classes = 8  # synthetic_shapes: background + 7 shapes.
   config.data.ignore_label = 255
   config.data.shuffle_buffer = 2_048
 

@@ -32,7 +32,9 @@ def main(argv):
 
 
 def run():
-  logging.set_verbosity(logging.INFO)
+  # Our progress goes to stdout through pseudoseg_jax.writers.log; absl's log (orbax, TFDS) would
+  # bury it under per-file INFO lines.
+  logging.set_verbosity(logging.WARNING)
   app.run(main)
 
 

@@ -14,11 +14,10 @@ import os
 import jax
 import ml_collections
 import numpy as np
-from absl import logging
-
 from pseudoseg_jax import checkpointing, evaluation, sharding, steps, writers
 from pseudoseg_jax import config as config_lib
 from pseudoseg_jax.data import datasets, pipeline
+from pseudoseg_jax.writers import log
 
 CONFIG_FILE = "config.json"
 RESULTS_FILE = "results.json"
@@ -90,7 +89,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   restored = checkpointing.restore_latest(manager, state)
   if restored is not None:
     state = restored
-    logging.info("Resumed from %s at step %d.", checkpointing.checkpoint_dir(workdir),
+    log.info("Resumed from %s at step %d.", checkpointing.checkpoint_dir(workdir),
                  int(state.step))
   start_step = int(state.step)
   if is_writer:
@@ -122,7 +121,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   pending_metrics = []
   last_eval = None
   if start_step < config.total_steps:
-    logging.info("Training %s from step %d to %d on %d device(s), global batch %d.",
+    log.info("Training %s from step %d to %d on %d device(s), global batch %d.",
                  config.method, start_step, config.total_steps, mesh.devices.size,
                  config.batch_size)
   for step in range(start_step + 1, config.total_steps + 1):
@@ -139,7 +138,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if step % config.eval_every == 0 or step == config.total_steps:
       last_eval = (step, evaluate(eval_fn, state, eval_batches, mesh))
       writer.write(step, last_eval[1])
-      logging.info("step %d: val/miou = %.4f", step, last_eval[1]["val/miou"])
+      log.info("step %d: val/miou = %.4f", step, last_eval[1]["val/miou"])
       progress.restart_clock(step)
     if step % config.checkpoint_every == 0 or step == config.total_steps:
       checkpointing.save(manager, step, state)
@@ -152,7 +151,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     with open(results_path) as f:
       results = json.load(f)
     if results.get("step") == final_step:
-      logging.info("Already trained to step %d; results in %s.", final_step, results_path)
+      log.info("Already trained to step %d; results in %s.", final_step, results_path)
       writer.close()
       return results
   if last_eval is None or last_eval[0] != final_step:
@@ -162,6 +161,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if is_writer:
     write_json(results_path, results)
   writer.close()
-  logging.info("Final val/miou = %.4f at step %d (%s).", results["val/miou"], final_step,
+  log.info("Final val/miou = %.4f at step %d (%s).", results["val/miou"], final_step,
                results_path)
   return results

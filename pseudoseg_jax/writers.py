@@ -11,10 +11,28 @@ import math
 import os
 import time
 
+import logging
+import sys
+
 import numpy as np
-from absl import logging
 
 METRICS_FILE = "metrics.jsonl"
+
+
+def get_logger() -> logging.Logger:
+  """The project's console logger: plain lines on stdout, separate from absl's log, which the
+  entry point turns down to warnings because orbax and TFDS log every file they touch at INFO."""
+  logger = logging.getLogger("pseudoseg_jax")
+  if not logger.handlers:
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+  return logger
+
+
+log = get_logger()
 
 
 def _jsonable(value):
@@ -97,7 +115,7 @@ class Progress:
     eta = (self.total_steps - step) / rate if rate > 0 else float("inf")
     shown = " ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in metrics.items()
                      if isinstance(v, float))
-    logging.info("step %d/%d (%.0f%%) %s | %.2f steps/s | ETA %s", step, self.total_steps,
+    log.info("step %d/%d (%.0f%%) %s | %.2f steps/s | ETA %s", step, self.total_steps,
                  100 * step / self.total_steps, shown, rate,
                  format_duration(eta) if math.isfinite(eta) else "?")
     return rate

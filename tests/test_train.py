@@ -1,0 +1,99 @@
+"""End to end: the CLI trains, evaluates, writes the workdir contract, and resumes."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from pseudoseg_jax import config as config_lib
+from pseudoseg_jax import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_OVERRIDES = {
+    "total_steps": 4, "batch_size": 4, "eval_batch_size": 8, "crop_size": 33,
+    "eval_crop_size": 97, "log_every": 2, "eval_every": 4, "checkpoint_every": 2,
+    "data.name": "synthetic_shapes/tiny", "data.num_labeled": 8, "data.shuffle_buffer": 8,
+    "model.aspp_channels": 16, "model.decoder_channels": 16, "model.low_level_channels": 8,
+}
+
+
+def tiny_config(data_dir, **overrides):
+  config = config_lib.base_config()
+  config.model.backbone = "resnet_tiny"
+  config.data.data_dir = str(data_dir)
+  for name, value in {**TINY_OVERRIDES, **overrides}.items():
+    parent, _, leaf = name.rpartition(".")
+    (config[parent] if parent else config)[leaf] = value
+  return config
+
+
+def read_metrics(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory):
+  """One CLI run of the demo config shrunk to 4 steps, shared by the tests below."""
+  data_dir = tmp_path_factory.mktemp("tfds")
+  workdir = str(tmp_path_factory.mktemp("work") / "run")
+  args = [sys.executable, "-m", "pseudoseg_jax.main", "--config=configs/demo.py:steps=4",
+          f"--workdir={workdir}", f"--config.data.data_dir={data_dir}",
+          "--config.model.backbone=resnet_tiny"]
+  args += [f"--config.{name}={value}" for name, value in TINY_OVERRIDES.items()
+           if name != "total_steps"]
+  completed = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert completed.returncode == 0, completed.stderr[-3000:]
+  return data_dir, workdir, completed.stdout
+
+
+def test_cli_writes_the_workdir_contract(cli_run):
+  _, workdir, stdout = cli_run
+  assert "val/miou =" in stdout and "steps/s" in stdout and "ETA" in stdout
+  with open(os.path.join(workdir, "results.json")) as f:
+    results = json.load(f)
+  assert results["step"] == 4
+  assert 0.0 <= results["val/miou"] <= 1.0
+  assert len(results["val/iou_per_class"]) == 8
+  with open(os.path.join(workdir, "config.json")) as f:
+    assert json.load(f)["data"]["name"] == "synthetic_shapes/tiny"
+  metrics = read_metrics(workdir)
+  assert [m["step"] for m in metrics if "train/loss" in m] == [2, 4]
+  assert any("val/miou" in m for m in metrics)
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
+  assert os.listdir(os.path.join(workdir, "tensorboard"))
+
+
+def test_rerunning_a_finished_run_resumes_instead_of_retraining(cli_run):
+  data_dir, workdir, _ = cli_run
+  before = read_metrics(workdir)
+  results = train.run(tiny_config(data_dir), workdir)
+  assert results["step"] == 4
+  assert read_metrics(workdir) == before  # Nothing retrained, nothing logged twice.
+
+
+def test_raising_total_steps_continues_from_the_checkpoint(cli_run, tmp_path):
+  data_dir, workdir, _ = cli_run
+  results = train.run(tiny_config(data_dir, total_steps=6), workdir)
+  assert results["step"] == 6
+  steps = [m["step"] for m in read_metrics(workdir) if "train/loss" in m]
+  assert steps == [2, 4, 6]
+
+
+def test_a_workdir_of_another_model_is_refused_and_kept(cli_run):
+  data_dir, workdir, _ = cli_run
+  checkpoints = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
+  with pytest.raises(ValueError, match=r"config.json holds a run with model.decoder_channels=16"):
+    train.run(tiny_config(data_dir, **{"model.decoder_channels": 32}), workdir)
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == checkpoints
+
+
+def test_unknown_config_field_on_the_command_line_is_named(tmp_path):
+  completed = subprocess.run(
+      [sys.executable, "-m", "pseudoseg_jax.main", "--config=configs/demo.py",
+       f"--workdir={tmp_path}", "--config.model.output_strid=8"],
+      cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert completed.returncode != 0
+  assert "output_strid" in completed.stderr
