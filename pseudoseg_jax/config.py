@@ -12,6 +12,7 @@ import json
 
 import ml_collections
 
+OPTIMIZERS = ("sgd", "adam")
 METHODS = ("supervised",)  # "pseudoseg" lands with the PseudoSeg issue.
 OUTPUT_STRIDES = (8, 16)
 
@@ -52,6 +53,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.model.dtype = "float32"
 
   config.optimizer = ml_collections.ConfigDict()
+  config.optimizer.name = "sgd"  # SPEC 7 recipe. "adam" for from-scratch runs such as the demo.
   config.optimizer.learning_rate = 0.007
   config.optimizer.momentum = 0.9
   config.optimizer.poly_power = 0.9
@@ -91,6 +93,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check_known_fields(config)
   if config.method not in METHODS:
     raise ValueError(f"config.method must be one of {METHODS}, got {config.method!r}.")
+  if config.optimizer.name not in OPTIMIZERS:
+    raise ValueError(
+        f"config.optimizer.name must be one of {OPTIMIZERS}, got {config.optimizer.name!r}.")
   if config.model.output_stride not in OUTPUT_STRIDES:
     raise ValueError(
         f"config.model.output_stride must be 8 or 16, got {config.model.output_stride}.")

@@ -34,6 +34,7 @@ def test_unknown_field_is_named_with_a_suggestion():
     ("eval_crop_size", 8, "eval_crop_size=8 is too small"),
     ("method", "fixmatch", "config.method must be one of"),
     ("total_steps", 0, "config.total_steps must be >= 1"),
+    ("optimizer.name", "lamb", "config.optimizer.name must be one of"),
 ])
 def test_bad_values_are_named(field, value, message):
   config = config_lib.base_config()
