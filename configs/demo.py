@@ -15,11 +15,14 @@ def get_config(arg: str | None = None):
   args = config_lib.parse_args(arg, known=("method", "num_labeled", "steps"), source="demo.py")
   config = config_lib.base_config()
   config.method = args.get("method", "supervised")
-  config.total_steps = int(args.get("steps", 2_000))
+  config.total_steps = int(args.get("steps", 1_500))
   config.batch_size = 16
   config.eval_batch_size = 50
   config.crop_size = 97  # DeepLab's 4k+1 sizes: 97 -> 25x25 logits align exactly.
   config.eval_crop_size = 97
+  # Objects are 22-64 px in 96 px images: SPEC's 0.5-2x scales would leave a 97 crop with mostly
+  # fragments, which this from-scratch model cannot afford within the demo's steps.
+  config.scales = (0.75, 1.0, 1.25)
 
   config.data.name = "synthetic_shapes"
   config.data.num_labeled = int(args.get("num_labeled", 100))
@@ -27,12 +30,19 @@ def get_config(arg: str | None = None):
   config.data.shuffle_buffer = 512
 
   config.model.backbone = "resnet_tiny"
+  # Output stride 8 (13x13 features for a 97 crop) with ASPP rates scaled to that map, as DeepLab's
+  # 6/12/18 are to a 33x33 one: at stride 16 a 20 px object covers about one feature.
+  config.model.output_stride = 8
+  config.model.aspp_rates = (2, 4, 6)
   config.model.aspp_channels = 64
   config.model.decoder_channels = 64
   config.model.low_level_channels = 24
 
-  config.optimizer.learning_rate = 0.02
+  # From scratch (no pretrained weights offline): Adam moves He-initialized kernels much faster than
+  # SGD in the first thousand steps (measured: SGD 0.02-0.1 stayed at background-only for 600+).
+  config.optimizer.name = "adam"
+  config.optimizer.learning_rate = 0.003
   config.log_every = 100
-  config.eval_every = 1_000
+  config.eval_every = 500
   config.checkpoint_every = 500
   return config

@@ -154,7 +154,7 @@ def tiny_builder(tmp_path_factory):
 def test_tiny_build_has_the_configured_split_sizes(tiny_builder):
   assert tiny_builder.info.splits["train"].num_examples == 40
   assert tiny_builder.info.splits["validation"].num_examples == 20
-  assert str(tiny_builder.info.version) == "1.0.0"
+  assert str(tiny_builder.info.version) == "1.1.0"
 
 
 def test_tiny_build_reads_back_the_rendered_examples(tiny_builder):
