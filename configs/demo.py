@@ -15,7 +15,7 @@ def get_config(arg: str | None = None):
   args = config_lib.parse_args(arg, known=("method", "num_labeled", "steps"), source="demo.py")
   config = config_lib.base_config()
   config.method = args.get("method", "supervised")
-  config.total_steps = int(args.get("steps", 1_500))
+  config.total_steps = int(args.get("steps", 1_000))
   config.batch_size = 16
   config.eval_batch_size = 50
   config.crop_size = 97  # DeepLab's 4k+1 sizes: 97 -> 25x25 logits align exactly.
