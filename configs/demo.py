@@ -4,8 +4,9 @@
 
 Arguments after the colon, comma-separated: method=supervised (default, for now the only method),
 num_labeled=N (labeled images taken from the 2,000-image train pool; default 100), steps=N.
-Hardware: a laptop CPU (2 cores); the dataset is generated locally on first use.
-Time and result: see README.md (measured there with this exact command).
+Hardware: a laptop CPU; the dataset is generated locally on first use (14 s).
+Time and result, measured on 2 CPU cores: 7 min 11 s for the whole command, val mIoU 0.206 with the
+default 100 labels (see README.md for the 2,000-label run).
 """
 
 from pseudoseg_jax import config as config_lib

@@ -140,9 +140,11 @@ def to_json(config: ml_collections.ConfigDict) -> str:
   return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=list)
 
 
-# Fields that decide the shapes of the parameters: a checkpoint is only valid for the same values.
+# Fields that decide the structure of the train state (parameters and optimizer slots): a checkpoint
+# is only valid for the same values.
 MODEL_IDENTITY_FIELDS = ("model.backbone", "model.deep_stem", "model.aspp_channels",
-                         "model.decoder_channels", "model.low_level_channels", "data.num_classes")
+                         "model.decoder_channels", "model.low_level_channels", "data.num_classes",
+                         "optimizer.name")
 
 
 def model_identity(config_dict: dict) -> dict:

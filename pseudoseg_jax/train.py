@@ -39,7 +39,7 @@ def check_workdir_matches(config: ml_collections.ConfigDict, workdir: str) -> No
     if _normalize(saved_value) != _normalize(current[field]):
       raise ValueError(
           f"{path} holds a run with {field}={saved_value!r}, but the config asks for "
-          f"{current[field]!r}. Use a new --workdir for a different model.")
+          f"{current[field]!r}. Use a new --workdir for a different model or optimizer.")
 
 
 def _normalize(value):

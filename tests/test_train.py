@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from pseudoseg_jax import config as config_lib
+from configs import demo
 from pseudoseg_jax import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -20,8 +20,8 @@ TINY_OVERRIDES = {
 
 
 def tiny_config(data_dir, **overrides):
-  config = config_lib.base_config()
-  config.model.backbone = "resnet_tiny"
+  """The config the CLI run below resolves to (demo.py plus TINY_OVERRIDES)."""
+  config = demo.get_config("steps=4")
   config.data.data_dir = str(data_dir)
   for name, value in {**TINY_OVERRIDES, **overrides}.items():
     parent, _, leaf = name.rpartition(".")
@@ -40,8 +40,7 @@ def cli_run(tmp_path_factory):
   data_dir = tmp_path_factory.mktemp("tfds")
   workdir = str(tmp_path_factory.mktemp("work") / "run")
   args = [sys.executable, "-m", "pseudoseg_jax.main", "--config=configs/demo.py:steps=4",
-          f"--workdir={workdir}", f"--config.data.data_dir={data_dir}",
-          "--config.model.backbone=resnet_tiny"]
+          f"--workdir={workdir}", f"--config.data.data_dir={data_dir}"]
   args += [f"--config.{name}={value}" for name, value in TINY_OVERRIDES.items()
            if name != "total_steps"]
   completed = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -88,6 +87,8 @@ def test_a_workdir_of_another_model_is_refused_and_kept(cli_run):
   with pytest.raises(ValueError, match=r"config.json holds a run with model.decoder_channels=16"):
     train.run(tiny_config(data_dir, **{"model.decoder_channels": 32}), workdir)
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == checkpoints
+  with pytest.raises(ValueError, match=r"optimizer.name='adam'.*'sgd'"):
+    train.run(tiny_config(data_dir, **{"optimizer.name": "sgd"}), workdir)
 
 
 def test_unknown_config_field_on_the_command_line_is_named(tmp_path):
