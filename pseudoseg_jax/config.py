@@ -14,7 +14,6 @@ import ml_collections
 
 OPTIMIZERS = ("sgd", "adam")
 METHODS = ("supervised",)  # "pseudoseg" lands with the PseudoSeg issue.
-OUTPUT_STRIDES = (8, 16)
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -96,9 +95,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.optimizer.name not in OPTIMIZERS:
     raise ValueError(
         f"config.optimizer.name must be one of {OPTIMIZERS}, got {config.optimizer.name!r}.")
-  if config.model.output_stride not in OUTPUT_STRIDES:
-    raise ValueError(
-        f"config.model.output_stride must be 8 or 16, got {config.model.output_stride}.")
+  # The model section has one validator, next to the code that builds the model.
+  from pseudoseg_jax.models import validate_model_config
+  validate_model_config(config.model)
   for field in ("crop_size", "eval_crop_size"):
     minimum = min_crop_size(config.model.output_stride)
     if config[field] < minimum:
