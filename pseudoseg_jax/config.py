@@ -8,7 +8,6 @@ values the trainer cannot honour, naming the field.
 from __future__ import annotations
 
 import difflib
-import json
 
 import ml_collections
 
@@ -133,10 +132,6 @@ def parse_args(arg: str | None, known: tuple, source: str) -> dict:
 def min_crop_size(output_stride: int) -> int:
   """Smallest crop whose stride-`output_stride` feature map is at least 2x2 (ceil(n / os) >= 2)."""
   return output_stride + 1
-
-
-def to_json(config: ml_collections.ConfigDict) -> str:
-  return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=list)
 
 
 # Fields that decide the structure of the train state (parameters and optimizer slots): a checkpoint

@@ -14,6 +14,7 @@ import os
 import jax
 import ml_collections
 import numpy as np
+
 from pseudoseg_jax import checkpointing, evaluation, sharding, steps, writers
 from pseudoseg_jax import config as config_lib
 from pseudoseg_jax.data import datasets, pipeline
@@ -90,7 +91,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if restored is not None:
     state = restored
     log.info("Resumed from %s at step %d.", checkpointing.checkpoint_dir(workdir),
-                 int(state.step))
+             int(state.step))
   start_step = int(state.step)
   if is_writer:
     write_json(os.path.join(workdir, CONFIG_FILE), config.to_dict())
@@ -122,8 +123,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   last_eval = None
   if start_step < config.total_steps:
     log.info("Training %s from step %d to %d on %d device(s), global batch %d.",
-                 config.method, start_step, config.total_steps, mesh.devices.size,
-                 config.batch_size)
+             config.method, start_step, config.total_steps, mesh.devices.size, config.batch_size)
   for step in range(start_step + 1, config.total_steps + 1):
     state, metrics = train_fn(state, sharding.to_global(next(train_batches), mesh))
     pending_metrics.append(metrics)
@@ -162,5 +162,5 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     write_json(results_path, results)
   writer.close()
   log.info("Final val/miou = %.4f at step %d (%s).", results["val/miou"], final_step,
-               results_path)
+           results_path)
   return results

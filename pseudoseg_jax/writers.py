@@ -7,12 +7,11 @@ Only process 0 writes; other processes get a writer that does nothing, so the tr
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
-import time
-
-import logging
 import sys
+import time
 
 import numpy as np
 
@@ -116,6 +115,6 @@ class Progress:
     shown = " ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in metrics.items()
                      if isinstance(v, float))
     log.info("step %d/%d (%.0f%%) %s | %.2f steps/s | ETA %s", step, self.total_steps,
-                 100 * step / self.total_steps, shown, rate,
-                 format_duration(eta) if math.isfinite(eta) else "?")
+             100 * step / self.total_steps, shown, rate,
+             format_duration(eta) if math.isfinite(eta) else "?")
     return rate

@@ -82,7 +82,7 @@ def load_synthetic_shapes(config: ml_collections.ConfigDict) -> Source:
 
 
 def load_source(config: ml_collections.ConfigDict) -> Source:
-  if config.data.name in ("synthetic_shapes", "synthetic_shapes/tiny"):
+  if config.data.name in SOURCES:
     return load_synthetic_shapes(config)
   raise ValueError(f"config.data.name={config.data.name!r} is not a known dataset; "
                    f"known: {', '.join(SOURCES)}.")
