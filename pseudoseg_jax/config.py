@@ -12,7 +12,8 @@ import difflib
 import ml_collections
 
 OPTIMIZERS = ("sgd", "adam")
-METHODS = ("supervised",)  # "pseudoseg" lands with the PseudoSeg issue.
+METHODS = ("supervised", "pseudoseg")
+PSEUDO_LABEL_SOURCES = ("fusion", "decoder", "sgc")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -31,6 +32,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.data.data_dir = ""  # TFDS data_dir; empty = TFDS default (~/tensorflow_datasets).
   config.data.num_labeled = 0  # Take the first N images of the train pool as labeled; 0 = all.
   config.data.train_split = "train"
+  # PseudoSeg's unlabeled pool; empty = the whole train_split, labeled images included (the paper's
+  # setting: VOC's 10,582 train_aug images include the 1,464 labeled ones).
+  config.data.unlabeled_split = ""
   config.data.eval_split = "validation"
   config.data.num_classes = 8  # synthetic_shapes: background + 7 shapes.
   config.data.ignore_label = 255
@@ -44,6 +48,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.model.aspp_channels = 256
   config.model.decoder_channels = 256
   config.model.low_level_channels = 48
+  config.model.sgc_attention_dim = 128  # Key/query width of the SGC head (SPEC 3).
   config.model.aspp_dropout = 0.1  # TF keep_prob 0.9.
   config.model.cls_dropout = 0.5
   config.model.bn_momentum = 0.9
@@ -58,7 +63,26 @@ def base_config() -> ml_collections.ConfigDict:
   config.optimizer.weight_decay = 4e-5
   config.optimizer.end_learning_rate = 0.0
 
+  # PseudoSeg (method='pseudoseg'); defaults are the authors' (SPEC 3-6). The switches reproduce the
+  # paper's ablations.
+  config.pseudoseg = ml_collections.ConfigDict()
+  config.pseudoseg.unlabeled_batch_size = 64  # Global, like batch_size.
+  # True: the unlabeled images come with image-level labels (the weakly-labeled setting): the CAM
+  # uses them and the classifier trains on them. False: the classifier's predictions stand in.
+  config.pseudoseg.weak_labels = False
+  config.pseudoseg.pseudo_label_source = "fusion"  # "fusion" | "decoder" | "sgc".
+  config.pseudoseg.calibrated = True  # False: plain weighted average of the two softmaxes.
+  config.pseudoseg.gamma = 0.5  # Weight of the decoder in the fusion.
+  config.pseudoseg.fusion_group_size = 4  # Images per calibration scalar (the original's 4 per GPU).
+  config.pseudoseg.soft_labels = True  # False: argmax labels.
+  config.pseudoseg.temperature = 0.5  # Sharpening of soft labels.
+  config.pseudoseg.confidence_threshold = 0.0  # Pixels below it do not count; 0 = all count.
+  config.pseudoseg.strong_augment = True  # False: the strong view is the weak view.
+  config.pseudoseg.cutout_size = 100  # Side of the strong view's cutout box in pixels; 0 = none.
+  config.pseudoseg.consistency_weight = 1.0
+
   config.log_every = 50
+  config.image_summary_every = 1_000  # TensorBoard grid of views and pseudo labels; 0 = never.
   config.eval_every = 1_000
   config.checkpoint_every = 1_000
   config.keep_checkpoints = 3
@@ -114,6 +138,32 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.data.num_labeled must be >= 0, got {config.data.num_labeled}.")
   if config.data.num_classes < 2:
     raise ValueError(f"config.data.num_classes must be >= 2, got {config.data.num_classes}.")
+  if config.image_summary_every < 0:
+    raise ValueError(f"config.image_summary_every must be >= 0, got {config.image_summary_every}.")
+  if config.method == "pseudoseg":
+    _validate_pseudoseg(config.pseudoseg)
+
+
+def _validate_pseudoseg(section: ml_collections.ConfigDict) -> None:
+  if section.pseudo_label_source not in PSEUDO_LABEL_SOURCES:
+    raise ValueError(f"config.pseudoseg.pseudo_label_source must be one of {PSEUDO_LABEL_SOURCES}, "
+                     f"got {section.pseudo_label_source!r}.")
+  if section.unlabeled_batch_size < 1:
+    raise ValueError("config.pseudoseg.unlabeled_batch_size must be >= 1, got "
+                     f"{section.unlabeled_batch_size}.")
+  if section.fusion_group_size < 1 or section.unlabeled_batch_size % section.fusion_group_size:
+    raise ValueError(
+        f"config.pseudoseg.fusion_group_size={section.fusion_group_size} must be >= 1 and divide "
+        f"config.pseudoseg.unlabeled_batch_size={section.unlabeled_batch_size}.")
+  if not 0 <= section.gamma <= 1:
+    raise ValueError(f"config.pseudoseg.gamma must be in [0, 1], got {section.gamma}.")
+  if section.temperature <= 0:
+    raise ValueError(f"config.pseudoseg.temperature must be > 0, got {section.temperature}.")
+  if not 0 <= section.confidence_threshold < 1:
+    raise ValueError("config.pseudoseg.confidence_threshold must be in [0, 1), got "
+                     f"{section.confidence_threshold}.")
+  if section.cutout_size < 0:
+    raise ValueError(f"config.pseudoseg.cutout_size must be >= 0, got {section.cutout_size}.")
 
 
 def parse_args(arg: str | None, known: tuple, source: str) -> dict:
@@ -129,6 +179,16 @@ def parse_args(arg: str | None, known: tuple, source: str) -> dict:
   return parsed
 
 
+def parse_bool(value: str, name: str) -> bool:
+  """'true'/'false' (also 1/0, yes/no, any case) from a --config=FILE:ARGS argument."""
+  lowered = value.strip().lower()
+  if lowered in ("true", "1", "yes"):
+    return True
+  if lowered in ("false", "0", "no"):
+    return False
+  raise ValueError(f"Argument {name}={value!r} must be true or false.")
+
+
 def min_crop_size(output_stride: int) -> int:
   """Smallest crop whose stride-`output_stride` feature map is at least 2x2 (ceil(n / os) >= 2)."""
   return output_stride + 1
@@ -137,8 +197,8 @@ def min_crop_size(output_stride: int) -> int:
 # Fields that decide the structure of the train state (parameters and optimizer slots): a checkpoint
 # is only valid for the same values.
 MODEL_IDENTITY_FIELDS = ("model.backbone", "model.deep_stem", "model.aspp_channels",
-                         "model.decoder_channels", "model.low_level_channels", "data.num_classes",
-                         "optimizer.name")
+                         "model.decoder_channels", "model.low_level_channels",
+                         "model.sgc_attention_dim", "data.num_classes", "optimizer.name")
 
 
 def model_identity(config_dict: dict) -> dict:

@@ -32,3 +32,27 @@ def pixel_accuracy(logits: jax.Array, labels: jax.Array, ignore_label: int) -> j
   valid = labels != ignore_label
   correct = (jnp.argmax(logits, axis=-1) == labels) & valid
   return jnp.sum(correct) / jnp.maximum(jnp.sum(valid), 1)
+
+
+def consistency_cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array,
+                              num_valid: jax.Array) -> jax.Array:
+  """sum over pixels of weights * (-sum_c targets_c log softmax(logits)_c), divided by num_valid.
+
+  logits, targets: [N, H, W, C] (targets soft probabilities or one-hot); weights: [N, H, W].
+  The caller picks the denominator: the original divides by the number of valid (non-padding,
+  non-cutout) pixels even when a confidence threshold zeroes some of them in the numerator.
+  Returns 0 when num_valid is 0.
+  """
+  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  per_pixel = -jnp.sum(targets.astype(jnp.float32) * log_probs, axis=-1)
+  total = jnp.sum(per_pixel * weights.astype(jnp.float32))
+  return jnp.where(num_valid > 0, total / jnp.maximum(num_valid, 1e-5), 0.0)
+
+
+def multilabel_sigmoid_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """Mean over images and classes of the sigmoid cross-entropy (image-level, multi-label)."""
+  logits = logits.astype(jnp.float32)
+  labels = labels.astype(jnp.float32)
+  # max(x, 0) - x z + log(1 + exp(-|x|)): the numerically stable form.
+  losses = jnp.maximum(logits, 0) - logits * labels + jnp.log1p(jnp.exp(-jnp.abs(logits)))
+  return jnp.mean(losses)

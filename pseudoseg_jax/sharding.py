@@ -42,11 +42,14 @@ def per_process_batch_size(global_batch_size: int, mesh: Mesh, field: str) -> in
 def to_global(local_batch: dict, mesh: Mesh) -> dict:
   """Assembles each process's numpy batch into one global array sharded over 'data'.
 
+  Nested dicts (PseudoSeg's {'labeled': ..., 'unlabeled': ...}) are assembled part by part.
   Non-numeric entries (image ids) stay on the host: they are for logging, not for the step.
   """
   sharding = batch_sharding(mesh)
-  return {
-      key: jax.make_array_from_process_local_data(sharding, np.asarray(value))
-      for key, value in local_batch.items()
-      if np.asarray(value).dtype.kind in "biuf"
-  }
+  global_batch = {}
+  for key, value in local_batch.items():
+    if isinstance(value, dict):
+      global_batch[key] = to_global(value, mesh)
+    elif np.asarray(value).dtype.kind in "biuf":
+      global_batch[key] = jax.make_array_from_process_local_data(sharding, np.asarray(value))
+  return global_batch

@@ -16,7 +16,7 @@ import ml_collections
 import optax
 from flax import nnx
 
-from pseudoseg_jax import evaluation, losses
+from pseudoseg_jax import evaluation, losses, pseudo_labels
 from pseudoseg_jax.models import build_model
 from pseudoseg_jax.models.resize import resize_bilinear
 
@@ -95,6 +95,12 @@ def step_key(seed: int, step: jax.Array) -> jax.Array:
   return jax.random.fold_in(jax.random.key(seed), step)
 
 
+def labeled_and_unlabeled_keys(key: jax.Array):
+  """PseudoSeg's split of a step key: (labeled pass, unlabeled passes)."""
+  labeled_key, unlabeled_key = jax.random.split(key)
+  return labeled_key, unlabeled_key
+
+
 def supervised_loss(params: dict, batch_stats: dict, batch: dict, key: jax.Array, *,
                     graphdef: nnx.GraphDef, config: ml_collections.ConfigDict):
   """Cross-entropy of the decoder logits upsampled to the crop. Returns (loss, (stats, metrics))."""
@@ -109,10 +115,187 @@ def supervised_loss(params: dict, batch_stats: dict, batch: dict, key: jax.Array
   return loss, (new_stats, metrics)
 
 
+# --------------------------------------------------------------------------------------------------
+# PseudoSeg (SPEC 2-5): labeled losses, pseudo labels from the weak view, consistency on the strong.
+# --------------------------------------------------------------------------------------------------
+
+
+def sgc_features(features: dict) -> list:
+  """The hypercolumn's inputs: the last two backbone stages (the original's strides 15 and 16)."""
+  return [features["stage3"], features["stage4"]]
+
+
+def class_activation_maps(model: nnx.Module, features: dict, image_labels: jax.Array):
+  """Normalized Grad-CAM [N, h, w, C - 1] of the classifier head, kept to `image_labels`."""
+  cam = pseudo_labels.grad_cam(features["stage4"], model.cls_head.linear.kernel[...])
+  return pseudo_labels.normalize_cam(cam, image_labels)
+
+
+def sgc_logits(model: nnx.Module, features: dict, image_labels: jax.Array,
+               valid: jax.Array) -> jax.Array:
+  """SGC logits at feature resolution; `valid` [N, H, W] is resized the original's way."""
+  cam = class_activation_maps(model, features, image_labels)
+  feature_valid = pseudo_labels.resize_nearest(valid, cam.shape[1:3])
+  return pseudo_labels.sgc_logits(model.sgc.params(), sgc_features(features), cam, feature_valid)
+
+
+def make_pseudo_labels(model: nnx.Module, weak_logits: jax.Array, unlabeled: dict, *,
+                       config: ml_collections.ConfigDict) -> dict:
+  """Targets for the strong view, at decoder resolution, with no gradient.
+
+  Returns {'targets': [N, h, w, C] soft probabilities or one-hot labels, 'weights': [N, h, w]
+  (valid and confident), 'valid': [N, h, w] (not padding, not cutout), 'sgc_logits' and 'cam' when
+  the SGC is used}.
+  """
+  options = config.pseudoseg
+  weak_logits = jax.lax.stop_gradient(weak_logits)
+  size = weak_logits.shape[1:3]
+  valid = pseudo_labels.resize_nearest(unlabeled["valid"], size).astype(jnp.float32)
+  outputs = {"valid": valid}
+  if options.pseudo_label_source == "decoder":
+    probs = jax.nn.softmax(weak_logits, axis=-1)
+  else:
+    # The CAM comes from an inference-mode backbone pass, as in the original; its SGC norm still
+    # uses batch statistics.
+    features = model.backbone(unlabeled["weak_image"], train=False)
+    if options.weak_labels:
+      image_labels = unlabeled["image_labels"]
+    else:
+      image_labels = pseudo_labels.predicted_image_labels(
+          model.cls_head(features["stage4"], train=False, rngs=None))
+    sgc = resize_bilinear(sgc_logits(model, features, image_labels, unlabeled["valid"]), size)
+    outputs["sgc_logits"] = sgc
+    outputs["cam"] = class_activation_maps(model, features, image_labels)
+    if options.pseudo_label_source == "sgc":
+      probs = jax.nn.softmax(sgc, axis=-1)
+    else:
+      probs = pseudo_labels.calibrated_fusion(
+          weak_logits, sgc, temperature=1.0, gamma=options.gamma,
+          group_size=options.fusion_group_size, calibrate=options.calibrated)
+  if options.soft_labels:
+    targets = pseudo_labels.sharpen(probs, options.temperature)
+    confident = (jnp.max(targets, axis=-1) >= options.confidence_threshold).astype(jnp.float32)
+  else:
+    labels, confident = pseudo_labels.hard_labels(probs, options.confidence_threshold)
+    targets = jax.nn.one_hot(labels, probs.shape[-1], dtype=jnp.float32)
+  outputs.update(targets=targets, weights=valid * confident)
+  return jax.lax.stop_gradient(outputs)
+
+
+def unlabeled_forward(model: nnx.Module, unlabeled: dict, key: jax.Array, *,
+                      config: ml_collections.ConfigDict):
+  """(weak outputs, pseudo labels, strong outputs): both views in training mode, one network."""
+  weak_key, strong_key = jax.random.split(key)
+  weak = model(unlabeled["weak_image"], train=True, rngs=nnx.Rngs(dropout=weak_key))
+  pseudo = make_pseudo_labels(model, weak["logits"], unlabeled, config=config)
+  strong = model(unlabeled["strong_image"], train=True, rngs=nnx.Rngs(dropout=strong_key))
+  return weak, pseudo, strong
+
+
+def pseudo_label_metrics(weak: dict, pseudo: dict, strong: dict, unlabeled: dict, *,
+                         num_classes: int, ignore_label: int) -> dict:
+  """Quality against the unlabeled images' hidden ground truth, which no loss sees.
+
+  '*_accuracy' is the class-balanced pixel accuracy (the mean over the classes present of their
+  recall), as the original monitors it: plain pixel accuracy is mostly background.
+  """
+  size = pseudo["targets"].shape[1:3]
+  truth = pseudo_labels.resize_nearest(unlabeled["mask"], size)
+  counted = (truth != ignore_label) & (pseudo["valid"] > 0)
+  truth_one_hot = jax.nn.one_hot(jnp.where(counted, truth, -1), num_classes)  # -1: all zeros.
+  pixels_per_class = jnp.sum(truth_one_hot, axis=(0, 1, 2))
+  present = pixels_per_class > 0
+
+  def balanced_accuracy(scores):
+    correct = (jnp.argmax(scores, axis=-1) == truth)[..., None] * truth_one_hot
+    recall = jnp.sum(correct, axis=(0, 1, 2)) / jnp.maximum(pixels_per_class, 1)
+    return jnp.sum(jnp.where(present, recall, 0.0)) / jnp.maximum(jnp.sum(present), 1)
+
+  valid_pixels = jnp.maximum(jnp.sum(pseudo["valid"]), 1)
+  metrics = {"pseudo/accuracy": balanced_accuracy(pseudo["targets"]),
+             "pseudo/decoder_accuracy": balanced_accuracy(weak["logits"]),
+             "pseudo/strong_accuracy": balanced_accuracy(strong["logits"]),
+             "pseudo/confident_fraction": jnp.sum(pseudo["weights"]) / valid_pixels,
+             "pseudo/mean_max_prob":
+                 jnp.sum(jnp.max(pseudo["targets"], axis=-1) * pseudo["valid"]) / valid_pixels}
+  if "sgc_logits" in pseudo:
+    metrics["pseudo/sgc_accuracy"] = balanced_accuracy(pseudo["sgc_logits"])
+  return metrics
+
+
+def pseudoseg_loss(params: dict, batch_stats: dict, batch: dict, key: jax.Array, *,
+                   graphdef: nnx.GraphDef, config: ml_collections.ConfigDict):
+  """SPEC 5: supervised CE + SGC CE + classification + consistency. batch = {'labeled': ...,
+  'unlabeled': ...}. Returns (loss, (stats, metrics))."""
+  options = config.pseudoseg
+  ignore_label = config.data.ignore_label
+  uses_sgc = options.pseudo_label_source != "decoder"
+  model = nnx.merge(graphdef, params, batch_stats)
+  labeled, unlabeled = batch["labeled"], batch["unlabeled"]
+  labeled_key, unlabeled_key = labeled_and_unlabeled_keys(key)
+
+  outputs = model(labeled["image"], train=True, rngs=nnx.Rngs(dropout=labeled_key))
+  crop = labeled["mask"].shape[1:3]
+  logits = resize_bilinear(outputs["logits"], crop)
+  terms = {"supervised": losses.masked_cross_entropy(logits, labeled["mask"], ignore_label)}
+  if uses_sgc:
+    # The SGC learns on labeled images only, from a CAM of their true image-level labels.
+    labeled_sgc = sgc_logits(model, outputs["features"], labeled["image_labels"], labeled["valid"])
+    terms["sgc"] = losses.masked_cross_entropy(resize_bilinear(labeled_sgc, crop), labeled["mask"],
+                                               ignore_label)
+    if not options.weak_labels:
+      terms["classification"] = losses.multilabel_sigmoid_cross_entropy(
+          outputs["cls_logits"], labeled["image_labels"])
+
+  weak, pseudo, strong = unlabeled_forward(model, unlabeled, unlabeled_key, config=config)
+  if options.weak_labels:
+    # As the original (cls_with_cls), the classifier then learns from the image-level-labeled pool.
+    terms["classification"] = losses.multilabel_sigmoid_cross_entropy(
+        weak["cls_logits"], unlabeled["image_labels"])
+  terms["consistency"] = options.consistency_weight * losses.consistency_cross_entropy(
+      strong["logits"], pseudo["targets"], pseudo["weights"], jnp.sum(pseudo["valid"]))
+
+  loss = sum(terms.values())
+  metrics = {f"train/{name}_loss": value for name, value in terms.items()}
+  metrics["train/pixel_accuracy"] = losses.pixel_accuracy(logits, labeled["mask"], ignore_label)
+  metrics.update(pseudo_label_metrics(weak, pseudo, strong, unlabeled,
+                                      num_classes=config.data.num_classes,
+                                      ignore_label=ignore_label))
+  new_stats = nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
+  return loss, (new_stats, metrics)
+
+
+def pseudo_label_images(params: dict, batch_stats: dict, unlabeled: dict, key: jax.Array, *,
+                        graphdef: nnx.GraphDef, config: ml_collections.ConfigDict) -> dict:
+  """What the step sees on the unlabeled batch, for summaries: class maps at decoder resolution
+  (int32 [N, h, w]; -1 where a pseudo label does not count) and the CAM / SGC when used."""
+  model = nnx.merge(graphdef, params, batch_stats)
+  weak, pseudo, strong = unlabeled_forward(model, unlabeled, key, config=config)
+  size = pseudo["targets"].shape[1:3]
+  images = {"pseudo_label": jnp.where(pseudo["weights"] > 0,
+                                      jnp.argmax(pseudo["targets"], axis=-1), -1),
+            "weak_prediction": jnp.argmax(weak["logits"], axis=-1),
+            "strong_prediction": jnp.argmax(strong["logits"], axis=-1),
+            "ground_truth": pseudo_labels.resize_nearest(unlabeled["mask"], size)}
+  if "cam" in pseudo:
+    cam = resize_bilinear(pseudo["cam"], size)
+    # The original's CAM background score: 1 - the strongest class.
+    background = 1.0 - jnp.max(cam, axis=-1, keepdims=True)
+    images["cam"] = jnp.argmax(jnp.concatenate([background, cam], axis=-1), axis=-1)
+    images["sgc"] = jnp.argmax(pseudo["sgc_logits"], axis=-1)
+  return jax.tree.map(lambda x: x.astype(jnp.int32), images)
+
+
+# --------------------------------------------------------------------------------------------------
+# The step.
+# --------------------------------------------------------------------------------------------------
+
+
 def train_step(state: TrainState, batch: dict, *, graphdef: nnx.GraphDef,
                tx: optax.GradientTransformation, config: ml_collections.ConfigDict):
   key = step_key(config.seed, state.step)
-  grad_fn = jax.value_and_grad(supervised_loss, has_aux=True)
+  loss_fn = pseudoseg_loss if config.method == "pseudoseg" else supervised_loss
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   (loss, (new_stats, metrics)), grads = grad_fn(state.params, state.batch_stats, batch, key,
                                                graphdef=graphdef, config=config)
   updates, new_opt_state = tx.update(grads, state.opt_state, state.params)

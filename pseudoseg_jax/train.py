@@ -15,7 +15,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from pseudoseg_jax import checkpointing, evaluation, sharding, steps, writers
+from pseudoseg_jax import checkpointing, evaluation, sharding, steps, visualize, writers
 from pseudoseg_jax import config as config_lib
 from pseudoseg_jax.data import datasets, pipeline
 from pseudoseg_jax.writers import log
@@ -64,6 +64,48 @@ def evaluate(eval_fn, state: steps.TrainState, eval_batches, mesh) -> dict:
   return evaluation.summarize(confusion, prefix="val")
 
 
+def training_batches(config: ml_collections.ConfigDict, source: datasets.Source, mesh,
+                     start_step: int):
+  """Iterator of this process's batches: {'image', 'mask', ...} for the supervised method,
+  {'labeled': ..., 'unlabeled': ...} for PseudoSeg.
+
+  The streams' seed includes the start step so that a resumed run does not replay the batches it
+  has already trained on.
+  """
+  common = dict(crop_size=config.crop_size, scales=tuple(config.scales),
+                ignore_label=config.data.ignore_label, num_classes=config.data.num_classes,
+                process_index=jax.process_index(), process_count=jax.process_count(),
+                shuffle_buffer=config.data.shuffle_buffer)
+  labeled = pipeline.as_numpy_batches(pipeline.labeled_stream(
+      source.labeled, seed=(config.seed, start_step),
+      batch_size=sharding.per_process_batch_size(config.batch_size, mesh, "batch_size"),
+      **common))
+  if config.method != "pseudoseg":
+    return labeled
+  unlabeled = pipeline.as_numpy_batches(pipeline.unlabeled_stream(
+      source.unlabeled, seed=(config.seed, start_step),
+      batch_size=sharding.per_process_batch_size(config.pseudoseg.unlabeled_batch_size, mesh,
+                                                 "pseudoseg.unlabeled_batch_size"),
+      strong_augment=config.pseudoseg.strong_augment, cutout_size=config.pseudoseg.cutout_size,
+      **common))
+  return ({"labeled": labeled_batch, "unlabeled": unlabeled_batch}
+          for labeled_batch, unlabeled_batch in zip(labeled, unlabeled))
+
+
+def pseudo_label_grid(maps: dict, unlabeled: dict, num_classes: int,
+                      max_images: int = 4) -> np.ndarray:
+  """One uint8 image: a row per unlabeled image; columns weak view, strong view, CAM, SGC, pseudo
+  label (void where it does not count), prediction on the strong view, ground truth."""
+  weak = visualize.image_to_uint8(unlabeled["weak_image"][:max_images])
+  size = weak.shape[1:3]
+  columns = [weak, visualize.image_to_uint8(unlabeled["strong_image"][:max_images])]
+  for name in ("cam", "sgc", "pseudo_label", "strong_prediction", "ground_truth"):
+    if name in maps:
+      class_map = visualize.resize_nearest_to(np.asarray(maps[name][:max_images]), size)
+      columns.append(visualize.colorize(class_map, num_classes))
+  return visualize.grid(columns)
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   config_lib.validate(config)
   os.makedirs(workdir, exist_ok=True)
@@ -73,7 +115,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # ---------------------------------------------------------------- mesh and data
   mesh = sharding.make_mesh()
   source = datasets.load_source(config)
-  local_batch_size = sharding.per_process_batch_size(config.batch_size, mesh, "batch_size")
   local_eval_batch_size = sharding.per_process_batch_size(config.eval_batch_size, mesh,
                                                           "eval_batch_size")
 
@@ -108,24 +149,34 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       functools.partial(steps.eval_step, graphdef=graphdef, num_classes=config.data.num_classes,
                         ignore_label=config.data.ignore_label),
       out_shardings=replicated)
+  wants_images = config.method == "pseudoseg" and config.image_summary_every > 0
+  if wants_images:
+    images_fn = jax.jit(
+        functools.partial(steps.pseudo_label_images, graphdef=graphdef, config=config),
+        out_shardings=replicated)
 
   # ---------------------------------------------------------------- train loop
-  # The stream's seed includes the start step so that a resumed run does not replay the batches
-  # it has already trained on.
-  train_batches = pipeline.as_numpy_batches(pipeline.labeled_stream(
-      source.labeled, batch_size=local_batch_size, crop_size=config.crop_size,
-      scales=tuple(config.scales), ignore_label=config.data.ignore_label,
-      num_classes=config.data.num_classes, seed=(config.seed, start_step),
-      process_index=jax.process_index(), process_count=jax.process_count(),
-      shuffle_buffer=config.data.shuffle_buffer))
+  train_batches = training_batches(config, source, mesh, start_step)
   progress = writers.Progress(start_step, config.total_steps)
   pending_metrics = []
   last_eval = None
   if start_step < config.total_steps:
-    log.info("Training %s from step %d to %d on %d device(s), global batch %d.",
-             config.method, start_step, config.total_steps, mesh.devices.size, config.batch_size)
+    log.info("Training %s from step %d to %d on %d device(s), global batch %d labeled%s.",
+             config.method, start_step, config.total_steps, mesh.devices.size, config.batch_size,
+             f" + {config.pseudoseg.unlabeled_batch_size} unlabeled (pool of "
+             f"{source.num_unlabeled})" if config.method == "pseudoseg" else "")
   for step in range(start_step + 1, config.total_steps + 1):
-    state, metrics = train_fn(state, sharding.to_global(next(train_batches), mesh))
+    local_batch = next(train_batches)
+    global_batch = sharding.to_global(local_batch, mesh)
+    if wants_images and (step % config.image_summary_every == 0 or step == start_step + 1):
+      # Before the step, with its key: the pseudo labels this very step trains on.
+      step_key = steps.step_key(config.seed, state.step)
+      _, unlabeled_key = steps.labeled_and_unlabeled_keys(step_key)
+      maps = jax.device_get(images_fn(state.params, state.batch_stats, global_batch["unlabeled"],
+                                      unlabeled_key))
+      writer.write_images(step, {"pseudo_labels": pseudo_label_grid(
+          maps, local_batch["unlabeled"], config.data.num_classes)})
+    state, metrics = train_fn(state, global_batch)
     pending_metrics.append(metrics)
     if step == start_step + 1:
       progress.restart_clock(step)  # Keep compile time out of steps/s.

@@ -83,6 +83,17 @@ class MetricWriter:
           self._tf.summary.scalar(name, value)
     self._summary_writer.flush()
 
+  def write_images(self, step: int, images: dict) -> None:
+    """TensorBoard images: name -> uint8 [H, W, 3] or [N, H, W, 3]."""
+    if not self.enabled:
+      return
+    with self._summary_writer.as_default(step=int(step)):
+      for name, image in images.items():
+        image = np.asarray(image, np.uint8)
+        self._tf.summary.image(name, image[None] if image.ndim == 3 else image,
+                               max_outputs=len(image) if image.ndim == 4 else 1)
+    self._summary_writer.flush()
+
   def close(self) -> None:
     if self._summary_writer is not None:
       self._summary_writer.close()

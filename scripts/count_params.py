@@ -4,8 +4,8 @@ variants at output stride 16, split by part. Uses nnx.eval_shape, so nothing is 
   python scripts/count_params.py [--num_classes=21]
 
 Reference: UniMatch's PyTorch DeepLabv3+ (no classification head) has 40,475,957 parameters with its
-deep-stem ResNet-50 and 59,468,085 with its deep-stem ResNet-101; "total w/o cls" is the number to
-compare (see the models issue note for the breakdown).
+deep-stem ResNet-50 and 59,468,085 with its deep-stem ResNet-101. "total w/o cls, sgc" is the number
+to compare: it leaves out the classification and SGC heads, which PseudoSeg adds.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from pseudoseg_jax.models import build_model  # noqa: E402
 
 VARIANTS = (("resnet50", False), ("resnet50", True), ("resnet101", False), ("resnet101", True),
             ("resnet_tiny", False))
-PARTS = ("backbone", "aspp", "decoder", "cls_head")
+PARTS = ("backbone", "aspp", "decoder", "cls_head", "sgc")
 
 
 def count_by_part(backbone: str, deep_stem: bool, num_classes: int) -> dict[str, int]:
@@ -47,7 +47,7 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--num_classes", type=int, default=21)
   args = parser.parse_args()
-  header = ("variant", *PARTS, "total", "total w/o cls")
+  header = ("variant", *PARTS, "total", "total w/o cls, sgc")
   print(f"DeepLabv3+ trainable parameters, {args.num_classes} classes, output stride 16")
   print("| " + " | ".join(header) + " |")
   print("|" + "---|" * len(header))
@@ -56,7 +56,7 @@ def main() -> None:
     total = sum(counts.values())
     name = backbone + (" deep stem" if deep_stem else "")
     cells = [name, *(f"{counts[p]:,}" for p in PARTS), f"{total:,}",
-             f"{total - counts['cls_head']:,}"]
+             f"{total - counts['cls_head'] - counts['sgc']:,}"]
     print("| " + " | ".join(cells) + " |")
 
 

@@ -231,3 +231,126 @@ def test_rank3_labels_keep_their_channel_and_dtype():
   out = eager_and_in_dataset(geometry_on_label, label, seed(5))
   assert out.shape == (10, 14, 1) and out.dtype == np.uint8
   assert set(np.unique(out)) <= set(range(5)) | {255}
+
+
+# ----------------------------------------------------------------------------- colour jitter
+
+
+def random_image(height=12, width=10, rng_seed=4):
+  return np.random.default_rng(rng_seed).uniform(0, 255, [height, width, 3]).astype(np.float32)
+
+
+def test_color_jitter_stays_in_range_and_is_a_function_of_the_seed():
+  image = random_image()
+  jittered = eager_and_in_dataset_many(augment.color_jitter, [(image, seed(i)) for i in range(8)])
+  again = eager_and_in_dataset_many(augment.color_jitter, [(image, seed(i)) for i in range(8)])
+  for out, out_again in zip(jittered, again):
+    assert out.shape == image.shape and out.dtype == np.float32
+    assert out.min() >= 0.0 and out.max() <= 255.0
+    np.testing.assert_array_equal(out, out_again)
+  assert len({out.tobytes() for out in jittered}) == len(jittered)
+  assert not any(np.allclose(out, image, atol=1.0) for out in jittered)
+
+
+def test_sample_color_jitter_draws_orders_and_factors_from_their_ranges():
+  def sample(s):
+    return augment.sample_color_jitter(s)._asdict()
+  samples = eager_and_in_dataset_many(sample, [(seed(i),) for i in range(64)])
+  orders = {tuple(s["order"]) for s in samples}
+  assert all(sorted(order) == [0, 1, 2, 3] for order in orders)
+  assert len(orders) >= 8  # Orders vary; 64 draws from 24 permutations hit far more than 8.
+  for name, low, high in [("brightness_delta", -0.5, 0.5), ("contrast_factor", 0.5, 1.5),
+                          ("saturation_factor", 0.5, 1.5), ("hue_delta", -0.25, 0.25)]:
+    values = np.array([s[name] for s in samples])
+    assert values.min() >= low and values.max() <= high
+    assert values.max() - values.min() > 0.5 * (high - low)  # Spread over the range.
+
+
+def jitter_with_order(order, **factors):
+  return augment.ColorJitter(order=tf.constant(order, tf.int32), **{
+      name: tf.constant(value, tf.float32) for name, value in factors.items()})
+
+
+STRONG_FACTORS = dict(brightness_delta=0.3, contrast_factor=1.4, saturation_factor=0.6,
+                      hue_delta=0.2)
+
+
+def test_apply_color_jitter_applies_the_ops_in_the_given_order_clipping_after_each():
+  image = random_image()
+  jitter = jitter_with_order([2, 0, 3, 1], **STRONG_FACTORS)
+  x = image / 255.0
+  for op in (lambda y: tf.image.adjust_saturation(y, 0.6),
+             lambda y: tf.image.adjust_brightness(y, 0.3),
+             lambda y: tf.image.adjust_hue(y, 0.2),
+             lambda y: tf.image.adjust_contrast(y, 1.4)):
+    x = tf.clip_by_value(op(x), 0.0, 1.0)
+  out = eager_and_in_dataset(lambda im: augment.apply_color_jitter(im, jitter), image)
+  np.testing.assert_allclose(out, x.numpy() * 255.0, rtol=1e-5, atol=1e-3)
+
+
+def test_the_order_changes_the_result():
+  image = random_image()
+  first = augment.apply_color_jitter(image, jitter_with_order([0, 1, 2, 3], **STRONG_FACTORS))
+  last = augment.apply_color_jitter(image, jitter_with_order([3, 2, 1, 0], **STRONG_FACTORS))
+  assert np.abs(first.numpy() - last.numpy()).max() > 1.0
+
+
+def test_hue_and_saturation_keep_a_grey_image_grey():
+  grey = np.broadcast_to(np.linspace(10, 240, 30, dtype=np.float32).reshape(5, 6, 1), [5, 6, 3])
+
+  def hue_and_saturation_only(im, s):
+    return augment.color_jitter(im, s, brightness=0.0, contrast=0.0)
+
+  outs = eager_and_in_dataset_many(hue_and_saturation_only, [(grey, seed(i)) for i in range(4)])
+  for out in outs:
+    np.testing.assert_allclose(out, grey, atol=1e-3)
+
+
+# ----------------------------------------------------------------------------- cutout
+
+
+def test_cutout_mask_is_a_box_of_the_size_around_an_interior_centre():
+  box = eager_and_in_dataset(lambda c: augment.cutout_mask(c, (20, 24), 6), [10, 12])
+  expected = np.zeros([20, 24], np.int32)
+  expected[7:13, 9:15] = 1  # An even side 2k covers [c - k, c + k).
+  np.testing.assert_array_equal(box, expected)
+  odd = eager_and_in_dataset(lambda c: augment.cutout_mask(c, (20, 24), 5), [10, 12])
+  assert odd.sum() == 25 and odd[8:13, 10:15].all()
+
+
+def test_cutout_mask_is_clipped_at_the_crop_borders():
+  corner, edge = eager_and_in_dataset_many(
+      lambda c: augment.cutout_mask(c, (20, 24), 6), [([0, 0],), ([19, 12],)])
+  expected = np.zeros([20, 24], np.int32)
+  expected[:3, :3] = 1
+  np.testing.assert_array_equal(corner, expected)
+  expected = np.zeros([20, 24], np.int32)
+  expected[16:, 9:15] = 1
+  np.testing.assert_array_equal(edge, expected)
+
+
+def test_cutout_size_zero_cuts_nothing():
+  box = eager_and_in_dataset(lambda s: augment.sample_cutout(s, (9, 7), 0), seed(0))
+  assert box.shape == (9, 7) and box.dtype == np.int32 and not box.any()
+
+
+def test_sample_cutout_is_a_function_of_the_seed_and_centres_vary():
+  boxes = eager_and_in_dataset_many(lambda s: augment.sample_cutout(s, (16, 16), 4),
+                                    [(seed(i),) for i in range(16)])
+  again = eager_and_in_dataset_many(lambda s: augment.sample_cutout(s, (16, 16), 4),
+                                    [(seed(i),) for i in range(16)])
+  tf.nest.map_structure(np.testing.assert_array_equal, boxes, again)
+  assert len({box.tobytes() for box in boxes}) > 8
+  for box in boxes:
+    rows, cols = np.flatnonzero(box.any(1)), np.flatnonzero(box.any(0))
+    assert box.sum() == rows.size * cols.size  # A filled rectangle ...
+    assert 2 <= rows.size <= 4 and 2 <= cols.size <= 4  # ... of side 4, at least half inside.
+
+
+def test_cut_out_fills_every_channel_inside_the_box_only():
+  image = random_image(4, 5)
+  box = np.zeros([4, 5], np.int32)
+  box[1:3, 2:4] = 1
+  out = eager_and_in_dataset(augment.cut_out, image, box)
+  assert (out[box == 1] == augment.IMAGE_FILL_VALUE).all()
+  np.testing.assert_array_equal(out[box == 0], image[box == 0])

@@ -130,9 +130,11 @@ def test_deep_stem_widths(resnet50_deep_stem_os8):
 def test_resnet50_deep_stem_matches_unimatch_parameter_count(resnet50_deep_stem_os8):
   params = nnx.to_pure_dict(nnx.state(resnet50_deep_stem_os8, nnx.Param))
   counts = {part: sum(x.size for x in jax.tree.leaves(tree)) for part, tree in params.items()}
-  # UniMatch's PyTorch DeepLabv3+ (deep-stem ResNet-50, no classification head): 40,475,957.
-  assert sum(counts.values()) - counts["cls_head"] == 40_475_957
+  # UniMatch's PyTorch DeepLabv3+ (deep-stem ResNet-50, no classification or SGC head): 40,475,957.
+  assert sum(counts.values()) - counts["cls_head"] - counts["sgc"] == 40_475_957
   assert counts["cls_head"] == 2048 * 20 + 20
+  # Key and query 1x1 convs on the 1024 + 2048 hypercolumn, the 21 x 21 mix, the norm's offset.
+  assert counts["sgc"] == 2 * (1024 + 2048) * 128 + 21 * 21 + 21
 
 
 @pytest.mark.parametrize("output_stride,deep_size", [(16, 5), (8, 9)])

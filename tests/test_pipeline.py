@@ -55,9 +55,20 @@ def test_labeled_stream_shapes_dtypes_and_ranges():
   assert batch["mask"].shape == (4, 13, 13) and batch["mask"].dtype == np.int32
   assert batch["image_labels"].shape == (4, NUM_CLASSES - 1)
   assert batch["image_labels"].dtype == np.float32
-  assert set(batch) == {"image", "mask", "image_labels"}
+  assert batch["valid"].shape == (4, 13, 13) and batch["valid"].dtype == np.int32
+  assert set(batch) == {"image", "mask", "valid", "image_labels"}
   assert batch["image"].min() >= -1.0 and batch["image"].max() <= 1.0
   assert set(np.unique(batch["mask"])) <= set(range(1, 9)) | {IGNORE}
+
+
+def test_labeled_stream_valid_marks_the_padding():
+  # Masks without ignore pixels: ignore_label in the output means padding, nothing else.
+  source = variable_size_source([(8, 12), (14, 6), (16, 16), (5, 5)], with_ids=False)
+  batches = labeled_batches(2, source=source, shuffle_buffer=4)
+  valid = np.concatenate([b["valid"] for b in batches])
+  masks = np.concatenate([b["mask"] for b in batches])
+  np.testing.assert_array_equal(valid, (masks != IGNORE).astype(np.int32))
+  assert (valid == 0).any() and (valid == 1).any()
 
 
 def test_labeled_stream_accepts_rank2_masks():
@@ -71,14 +82,6 @@ def test_labeled_stream_image_labels_match_masks():
       present = {c for c in np.unique(mask) if c not in (0, IGNORE)}
       assert set(np.flatnonzero(labels) + 1) == present
       assert len(present) == 1  # One example per crop; ignore pixels never count.
-
-
-def test_labeled_stream_is_a_function_of_the_seed():
-  first = labeled_batches(2, seed=(3, 100))
-  again = labeled_batches(2, seed=(3, 100))
-  other = labeled_batches(2, seed=(3, 101))
-  tf.nest.map_structure(np.testing.assert_array_equal, first, again)
-  assert not np.array_equal(first[0]["image"], other[0]["image"])
 
 
 def test_labeled_stream_runs_over_epochs_with_new_augmentations():
@@ -98,10 +101,201 @@ def test_labeled_stream_shards_are_disjoint_across_processes():
   assert seen[0] | seen[1] == set(range(8))
 
 
-def test_stream_seeds_differ_by_seed_and_process():
-  keys = {(pipeline.stream_seeds(s, p)[0], tuple(pipeline.stream_seeds(s, p)[1].numpy()))
-          for s, p in [(0, 0), (0, 1), (1, 0), ((0, 5), 0)]}
-  assert len(keys) == 4
+def test_stream_seeds_differ_by_seed_process_and_stream():
+  def seeds(s, p, tag=0):
+    shuffle_seed, key = pipeline.stream_seeds(s, p, stream_tag=tag)
+    return shuffle_seed, tuple(key.numpy())
+  keys = {seeds(s, p) for s, p in [(0, 0), (0, 1), (1, 0), ((0, 5), 0)]}
+  keys.add(seeds(0, 0, pipeline.UNLABELED_STREAM_TAG))
+  assert len(keys) == 5
+
+
+# ----------------------------------------------------------------------------- unlabeled stream
+
+
+def unlabeled_batches(num_batches, source=None, **overrides):
+  kwargs = dict(batch_size=4, crop_size=13, scales=augment.DEFAULT_SCALES, ignore_label=IGNORE,
+                num_classes=NUM_CLASSES, seed=0, shuffle_buffer=8, cutout_size=6)
+  kwargs.update(overrides)
+  stream = pipeline.unlabeled_stream(source or labeled_source(), **kwargs)
+  iterator = pipeline.as_numpy_batches(stream)
+  return [next(iterator) for _ in range(num_batches)]
+
+
+def test_unlabeled_stream_shapes_dtypes_and_keys():
+  (batch,) = unlabeled_batches(1)  # The source's 'id' and 'image_labels' are dropped.
+  assert set(batch) == {"weak_image", "strong_image", "valid", "mask", "image_labels"}
+  for key in ("weak_image", "strong_image"):
+    assert batch[key].shape == (4, 13, 13, 3) and batch[key].dtype == np.float32
+    assert batch[key].min() >= -1.0 and batch[key].max() <= 1.0
+  for key in ("valid", "mask"):
+    assert batch[key].shape == (4, 13, 13) and batch[key].dtype == np.int32
+  assert batch["image_labels"].shape == (4, NUM_CLASSES - 1)
+  assert batch["image_labels"].dtype == np.float32
+  assert not np.array_equal(batch["weak_image"], batch["strong_image"])
+
+
+@pytest.mark.parametrize("make_batches, image_key", [(labeled_batches, "image"),
+                                                     (unlabeled_batches, "strong_image")])
+def test_training_streams_are_a_function_of_the_seed(make_batches, image_key):
+  first = make_batches(2, seed=(3, 100))
+  again = make_batches(2, seed=(3, 100))
+  other = make_batches(2, seed=(3, 101))
+  tf.nest.map_structure(np.testing.assert_array_equal, first, again)
+  assert not np.array_equal(first[0][image_key], other[0][image_key])
+
+
+def test_unlabeled_stream_differs_from_the_labeled_stream_on_the_same_source():
+  (labeled,) = labeled_batches(1, seed=7)
+  (unlabeled,) = unlabeled_batches(1, seed=7, strong_augment=False)
+  assert not np.array_equal(labeled["image"], unlabeled["weak_image"])
+
+
+def test_unlabeled_stream_without_strong_augment_gives_two_equal_views():
+  source = variable_size_source([(8, 12), (14, 6), (16, 16), (5, 5)], with_ids=False)
+  batches = unlabeled_batches(2, source=source, shuffle_buffer=4, strong_augment=False)
+  for batch in batches:
+    np.testing.assert_array_equal(batch["strong_image"], batch["weak_image"])
+    # No cutout: only padding (the one place these masks hold the ignore label) is invalid.
+    np.testing.assert_array_equal(batch["valid"], (batch["mask"] != IGNORE).astype(np.int32))
+  assert any((b["valid"] == 0).any() for b in batches)
+
+
+def test_unlabeled_stream_image_labels_name_the_classes_outside_the_cutout():
+  batches = unlabeled_batches(4, cutout_size=13)
+  for batch in batches:
+    for mask, labels, valid in zip(batch["mask"], batch["image_labels"], batch["valid"]):
+      visible = {c for c in np.unique(mask[valid == 1]) if c not in (0, IGNORE)}
+      assert set(np.flatnonzero(labels) + 1) == visible
+      assert (valid == 0).sum() >= 7 * 7  # The box, at least a quarter inside the crop ...
+      assert (mask[valid == 0] != IGNORE).any()  # ... leaves the ground truth under it alone.
+  # These masks are one class per image, so it does not fall under the box in most crops.
+  assert any(batch["image_labels"].any() for batch in batches)
+
+
+def test_unlabeled_stream_fills_missing_masks_with_the_ignore_label():
+  images = np.random.default_rng(5).integers(0, 256, [4, 16, 16, 3]).astype(np.uint8)
+  source = tf.data.Dataset.from_tensor_slices({"image": images})
+  (batch,) = unlabeled_batches(1, source=source)
+  assert (batch["mask"] == IGNORE).all() and not batch["image_labels"].any()
+
+
+# ----------------------------------------------------------------------------- weak vs strong view
+
+VIEW_SIZE, VIEW_CROP, VIEW_CUTOUT = 64, 24, 10
+VIEW_SCALES = (0.25, 0.5, 1.0)  # 16 px (padded), 32 and 64 px (not padded) for a 24 px crop.
+NUM_VIEW_SEEDS = 16
+
+
+def coordinate_example():
+  """R = 4 * row, G = 4 * col, B = 200; the mask is row * 64 + col (never the ignore label -1)."""
+  rows, cols = np.meshgrid(np.arange(VIEW_SIZE), np.arange(VIEW_SIZE), indexing="ij")
+  image = np.stack([4 * rows, 4 * cols, np.full_like(rows, 200)], axis=-1).astype(np.uint8)
+  return {"image": image, "mask": (rows * VIEW_SIZE + cols).astype(np.int32)}
+
+
+def blocky_example():
+  """A 4 x 4 grid of flat, distinct random colours, with uneven band widths.
+
+  Uneven, so that no flip or shift maps the grid onto itself: a misplaced strong view would put
+  two colours where the weak view has one.
+  """
+  row_band = np.digitize(np.arange(VIEW_SIZE), [7, 20, 37])
+  col_band = np.digitize(np.arange(VIEW_SIZE), [5, 16, 35])
+  colours = np.random.default_rng(6).integers(0, 256, [4, 4, 3]).astype(np.uint8)
+  return {"image": colours[row_band[:, None], col_band[None, :]],
+          "mask": coordinate_example()["mask"]}
+
+
+def both_views(example, jitter_colors=augment.color_jitter):
+  """augment_unlabeled_example for NUM_VIEW_SEEDS seeds, in Dataset.map; checked equal eagerly."""
+  def views(seed):
+    return pipeline.augment_unlabeled_example(
+        example, seed, crop_size=VIEW_CROP, scales=VIEW_SCALES, ignore_label=-1, num_classes=2,
+        cutout_size=VIEW_CUTOUT, jitter_colors=jitter_colors)
+  seeds = np.stack([np.arange(NUM_VIEW_SEEDS), np.full(NUM_VIEW_SEEDS, 99)], axis=1)
+  outs = list(tf.data.Dataset.from_tensor_slices(seeds).map(views).as_numpy_iterator())
+  tf.nest.map_structure(np.testing.assert_array_equal,
+                        tf.nest.map_structure(np.asarray, views(tf.constant(seeds[0]))), outs[0])
+  return outs
+
+
+def cutout_and_padding(out):
+  """(box, padding) as bool [h, w]: padding from the mask, the box = the rest of valid == 0."""
+  padding = out["mask"] == -1
+  return (out["valid"] == 0) & ~padding, padding
+
+
+def test_weak_and_strong_views_share_one_geometry():
+  # Without colour jitter the strong view must be the weak view with a hole.
+  outs = both_views(coordinate_example(), jitter_colors=lambda image, seed: image)
+  full_boxes = 0
+  for out in outs:
+    weak, strong = out["weak_image"], out["strong_image"]
+    box, padding = cutout_and_padding(out)
+    # The views differ exactly inside the box, where the strong view is the fill (normalized 0).
+    np.testing.assert_array_equal((weak != strong).any(-1), box)
+    assert (strong[box] == 0).all()
+    # The box is one clipped square: a filled rectangle of side <= VIEW_CUTOUT.
+    rows, cols = np.flatnonzero(box.any(1)), np.flatnonzero(box.any(0))
+    assert box.sum() == rows.size * cols.size
+    assert rows.size <= VIEW_CUTOUT and cols.size <= VIEW_CUTOUT
+    full_boxes += box.sum() == VIEW_CUTOUT**2
+    # Padding is the mean pixel in both views; real pixels keep B = 200 in the weak view.
+    assert (weak[padding] == 0).all() and (strong[padding] == 0).all()
+    np.testing.assert_allclose(weak[~padding][:, 2], 200 / 127.5 - 1, atol=1e-5)
+    check_coordinates_follow_the_mask(out, ~padding)
+  assert full_boxes > 0
+  flips = {bool(direction) for direction in map(columns_decrease, outs)}
+  assert flips == {True, False}
+  assert {bool(cutout_and_padding(out)[1].any()) for out in outs} == {True, False}
+
+
+def check_coordinates_follow_the_mask(out, real):
+  """The weak view's decoded (row, col) match the mask's within the resize's blur."""
+  grid_rows, grid_cols = np.divmod(out["mask"], VIEW_SIZE)
+  # A monotone grid: rows grow downwards, columns move one way in every row.
+  row_steps = np.diff(grid_rows, axis=0)[real[1:] & real[:-1]]
+  col_steps = np.diff(grid_cols, axis=1)[real[:, 1:] & real[:, :-1]]
+  assert (row_steps >= 0).all()
+  assert (col_steps >= 0).all() or (col_steps <= 0).all()
+  # Nearest resize steps 1 / scale source rows per output row (4, 2 or 1 here).
+  scale = 1.0 / np.median(row_steps)
+  assert scale in VIEW_SCALES
+  # Bilinear vs nearest: within half a source pixel, more near borders where filters clamp.
+  tolerance = 0.5 + 1.0 / scale + 1e-3
+  decoded = (out["weak_image"][real][:, :2] + 1.0) * 127.5 / 4.0
+  assert np.abs(decoded[:, 0] - grid_rows[real]).max() <= tolerance
+  assert np.abs(decoded[:, 1] - grid_cols[real]).max() <= tolerance
+  # Padding sits on the side the columns run towards: right without a flip, left with one.
+  padded_cols = np.flatnonzero(~real.any(0))
+  if padded_cols.size:
+    assert padded_cols[0] == 0 if columns_decrease(out) else padded_cols[-1] == VIEW_CROP - 1
+
+
+def columns_decrease(out):
+  first_row = out["mask"][0][out["mask"][0] >= 0] % VIEW_SIZE
+  return first_row.size > 1 and first_row[0] > first_row[-1]
+
+
+def test_colour_jitter_changes_colours_but_not_where_pixels_go():
+  no_jitter = both_views(blocky_example(), jitter_colors=lambda image, seed: image)
+  jittered = both_views(blocky_example())
+  for plain, out in zip(no_jitter, jittered):
+    # Same geometry and cutout whatever the jitter does: same weak view, mask and valid map.
+    for key in ("weak_image", "mask", "valid"):
+      np.testing.assert_array_equal(out[key], plain[key])
+    box, padding = cutout_and_padding(out)
+    assert (out["strong_image"][padding | box] == 0).all()
+    # Jitter acts pixel by pixel (plus whole-image statistics), so wherever the weak view shows
+    # one colour the strong view shows one colour too; a misplaced pixel would break this.
+    real = ~(padding | box)
+    weak_colours, groups = np.unique(out["weak_image"][real], axis=0, return_inverse=True)
+    strong = out["strong_image"][real]
+    for group in range(len(weak_colours)):
+      members = strong[groups.ravel() == group]
+      assert np.ptp(members, axis=0).max() <= 1e-4
+    assert not np.allclose(strong, out["weak_image"][real], atol=0.05)
 
 
 # ----------------------------------------------------------------------------- evaluation stream

@@ -8,8 +8,14 @@ Geometry is split in two steps so that several aligned maps share ONE random tra
     valid = valid_mask(geometry)                                    # 1 = real pixel, 0 = padding
 
 The image path is itself two stages, `scale_image` then `place_image` (pad, crop, flip), because the
-original jitters the strong view's colours after scaling but before padding (contrast and saturation
-use statistics of the whole scaled image, so the order changes the result).
+original jitters the strong view's colours after scaling but before padding (contrast uses the mean
+of the whole scaled image, so the order changes the result):
+
+    scaled = scale_image(image, geometry)
+    weak_view = place_image(scaled, geometry)
+    strong_view = place_image(color_jitter(scaled, jitter_seed), geometry)
+    cutout = sample_cutout(cutout_seed, geometry.crop_size, cutout_size=100)
+    strong_view = cut_out(strong_view, cutout)                      # fill 127.5 inside the box
 
 Randomness is stateless: `sample_geometry` is a pure function of (seed, image size), so the same
 seed gives the same transform every time, on every host, after every restart.
@@ -22,6 +28,7 @@ rounding noise.
 
 from __future__ import annotations
 
+import functools
 import numbers
 from typing import NamedTuple, Sequence, Tuple, Union
 
@@ -206,6 +213,107 @@ def valid_mask(geometry: Geometry, dtype=tf.int32):
   return flip_left_right_if(valid, geometry.flip)
 
 
+# --------------------------------------------------------------------------------------------------
+# Strong view only: colour jitter (before padding) and cutout (after cropping).
+# --------------------------------------------------------------------------------------------------
+
+
+class ColorJitter(NamedTuple):
+  """One sampled colour jitter, on images in [0, 1].
+
+  order: int32 [4], a permutation of (0 brightness, 1 contrast, 2 saturation, 3 hue); order[k] is
+    the op applied k-th.
+  brightness_delta: added to every value. contrast_factor: scales the distance from each channel's
+    mean. saturation_factor: scales HSV saturation. hue_delta: rotates HSV hue (1 = full turn).
+  """
+
+  order: tf.Tensor
+  brightness_delta: tf.Tensor
+  contrast_factor: tf.Tensor
+  saturation_factor: tf.Tensor
+  hue_delta: tf.Tensor
+
+
+def sample_color_jitter(seed, *, brightness: float = 0.5, contrast: float = 0.5,
+                        saturation: float = 0.5, hue: float = 0.25) -> ColorJitter:
+  """Samples the op order and each op's parameter from `seed` (shape [2]).
+
+  Ranges as tf.image.random_*: delta ~ U(-brightness, brightness), factors ~ U(1 - s, 1 + s),
+  hue delta ~ U(-hue, hue). A strength of 0 gives the op's neutral value.
+  """
+  order_seed, brightness_seed, contrast_seed, saturation_seed, hue_seed = tf.unstack(
+      tf.random.experimental.stateless_split(seed, num=5))
+  # Sorting i.i.d. uniforms gives a uniformly random permutation.
+  order = tf.cast(tf.argsort(tf.random.stateless_uniform([4], order_seed)), tf.int32)
+  return ColorJitter(
+      order=order,
+      brightness_delta=_stateless_uniform_around(brightness_seed, 0.0, brightness),
+      contrast_factor=_stateless_uniform_around(contrast_seed, 1.0, contrast),
+      saturation_factor=_stateless_uniform_around(saturation_seed, 1.0, saturation),
+      hue_delta=_stateless_uniform_around(hue_seed, 0.0, hue))
+
+
+def apply_color_jitter(image, jitter: ColorJitter):
+  """float [h, w, 3] in [0, 255] -> float32 in [0, 255]: the four ops in `jitter.order`.
+
+  Works on [0, 1] (the range tf.image.adjust_* expects) and clips after every op, so that an
+  overshoot of one op is not undone by the next.
+  """
+  ops = (lambda x: tf.image.adjust_brightness(x, jitter.brightness_delta),
+         lambda x: tf.image.adjust_contrast(x, jitter.contrast_factor),
+         lambda x: tf.image.adjust_saturation(x, jitter.saturation_factor),
+         lambda x: tf.image.adjust_hue(x, jitter.hue_delta))
+  x = tf.cast(image, tf.float32) / 255.0
+  for step in range(len(ops)):
+    x = tf.switch_case(jitter.order[step], [functools.partial(op, x) for op in ops])
+    x = tf.clip_by_value(x, 0.0, 1.0)
+  return x * 255.0
+
+
+def color_jitter(image, seed, *, brightness: float = 0.5, contrast: float = 0.5,
+                 saturation: float = 0.5, hue: float = 0.25):
+  """Random brightness, contrast, saturation and hue in random order (SPEC: probability 1).
+
+  image: float [h, w, 3] in [0, 255], the output of `scale_image`. Returns float32 in [0, 255].
+  """
+  jitter = sample_color_jitter(seed, brightness=brightness, contrast=contrast,
+                               saturation=saturation, hue=hue)
+  return apply_color_jitter(image, jitter)
+
+
+def cutout_mask(center, crop_size: CropSize, cutout_size: int):
+  """int32 [crop_h, crop_w]: 1 inside a cutout_size-square box at `center`, clipped to the crop.
+
+  The box spans rows center[0] - cutout_size // 2 up to (excluding) that plus cutout_size, and
+  columns likewise, so an even size of 2k covers [c - k, c + k) as in the original. Size 0: no box.
+  """
+  if cutout_size < 0:
+    raise ValueError(f"cutout_size must be >= 0, got {cutout_size}.")
+  crop_h, crop_w = as_height_width(crop_size)
+  start = tf.cast(center, tf.int32) - cutout_size // 2
+  rows = tf.range(crop_h) - start[0]
+  cols = tf.range(crop_w) - start[1]
+  inside_rows = (rows >= 0) & (rows < cutout_size)
+  inside_cols = (cols >= 0) & (cols < cutout_size)
+  return tf.cast(inside_rows[:, None] & inside_cols[None, :], tf.int32)
+
+
+def sample_cutout(seed, crop_size: CropSize, cutout_size: int):
+  """`cutout_mask` of one box whose centre is uniform over the crop's pixels (seed shape [2])."""
+  crop_h, crop_w = as_height_width(crop_size)
+  row_seed, col_seed = tf.unstack(tf.random.experimental.stateless_split(seed, num=2))
+  row = tf.random.stateless_uniform([], row_seed, minval=0, maxval=crop_h, dtype=tf.int32)
+  col = tf.random.stateless_uniform([], col_seed, minval=0, maxval=crop_w, dtype=tf.int32)
+  return cutout_mask(tf.stack([row, col]), crop_size, cutout_size)
+
+
+def cut_out(image, cutout, fill_value=IMAGE_FILL_VALUE):
+  """Sets every channel to `fill_value` where `cutout` ([h, w], nonzero = inside the box) is set."""
+  image = tf.convert_to_tensor(image)
+  inside = tf.cast(cutout, tf.bool)[..., None]
+  return tf.where(inside, tf.cast(fill_value, image.dtype), image)
+
+
 def _pad_crop_flip(x, geometry: Geometry, fill_value):
   padded = pad_bottom_right(x, geometry.padded_size, fill_value)
   window = crop_window(padded, geometry.crop_offset, geometry.crop_size)
@@ -224,3 +332,9 @@ def _as_rank3_then_back(x, fn):
   if len(x.shape) == 3:
     return fn(x)
   raise ValueError(f"Expected a [height, width] or [height, width, channels] map, got {x.shape}.")
+
+
+def _stateless_uniform_around(seed, center: float, half_width: float):
+  """float32 scalar ~ U(center - half_width, center + half_width)."""
+  return tf.random.stateless_uniform(
+      [], seed, minval=center - half_width, maxval=center + half_width)

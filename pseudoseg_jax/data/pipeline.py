@@ -1,15 +1,17 @@
-"""tf.data streams: the labeled training stream and the padded evaluation stream, per process.
+"""tf.data streams, per process: labeled training, unlabeled training (weak + strong views of one
+geometry) and padded evaluation.
 
 Inputs are tf.data.Datasets of dicts {'image': uint8 [H, W, 3], 'mask': uint8 [H, W, 1] or [H, W]
 (class indices, ignore label for unlabeled pixels), 'id': tf.string (optional)}; other keys are
-dropped.
+dropped. Unlabeled sources may lack 'mask'.
 Batch sizes are PER PROCESS; each process reads a disjoint shard of the source.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
-from typing import Iterator, Optional, Sequence, Union
+from typing import Callable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import tensorflow as tf
@@ -36,8 +38,13 @@ def as_numpy_batches(dataset: tf.data.Dataset) -> Iterator[dict]:
 
 
 # --------------------------------------------------------------------------------------------------
-# Labeled training stream.
+# Training streams: labeled, and unlabeled with a weak and a strong view.
 # --------------------------------------------------------------------------------------------------
+
+# Mixed into the unlabeled stream's seeds, so that a dataset used as both labeled and unlabeled
+# source is not shuffled and cropped identically in both streams. Any constant that no real seed or
+# process index would take works.
+UNLABELED_STREAM_TAG = 0x756E6C62
 
 
 def labeled_stream(dataset: tf.data.Dataset, *, batch_size: int, crop_size: augment.CropSize,
@@ -47,56 +54,143 @@ def labeled_stream(dataset: tf.data.Dataset, *, batch_size: int, crop_size: augm
   """Infinite stream of augmented labeled batches; a deterministic function of (seed, process).
 
   Yields {'image': float32 [B, h, w, 3] in [-1, 1], 'mask': int32 [B, h, w],
+  'valid': int32 [B, h, w] (1 = real pixel, 0 = padding),
   'image_labels': float32 [B, num_classes - 1]} with (h, w) = crop_size and B = batch_size.
   `seed` is an int or a tuple of ints (e.g. (config.seed, start_step)).
   """
-  hide_tensorflow_from_accelerators()
-  shuffle_seed, augment_key = stream_seeds(seed, process_index)
-  ds = dataset.shard(process_count, process_index)  # Before shuffle/repeat: disjoint per process.
-  ds = ds.map(_image_and_mask, num_parallel_calls=AUTOTUNE, deterministic=True)
-  ds = ds.shuffle(shuffle_buffer, seed=shuffle_seed, reshuffle_each_iteration=True).repeat()
-  # The running element index (over all epochs) gives every example its own augmentation seed.
-  ds = ds.enumerate()
+  augment_example = functools.partial(
+      augment_labeled_example, crop_size=crop_size, scales=scales, ignore_label=ignore_label,
+      num_classes=num_classes)
+  return _training_stream(
+      dataset, _image_and_mask, augment_example, batch_size=batch_size, seed=seed,
+      process_index=process_index, process_count=process_count, shuffle_buffer=shuffle_buffer)
 
-  def augment_indexed(index, example):
-    example_seed = tf.random.experimental.stateless_fold_in(augment_key, index)
-    return augment_labeled_example(
-        example, example_seed, crop_size=crop_size, scales=scales, ignore_label=ignore_label,
-        num_classes=num_classes)
 
-  ds = ds.map(augment_indexed, num_parallel_calls=AUTOTUNE, deterministic=True)
-  ds = ds.batch(batch_size, drop_remainder=True)
-  return ds.with_options(_deterministic_options()).prefetch(AUTOTUNE)
+def unlabeled_stream(dataset: tf.data.Dataset, *, batch_size: int, crop_size: augment.CropSize,
+                     scales: Sequence[float] = augment.DEFAULT_SCALES, ignore_label: int,
+                     num_classes: int, seed: Seed, process_index: int = 0,
+                     process_count: int = 1, shuffle_buffer: int = 2_048,
+                     strong_augment: bool = True, cutout_size: int = 0) -> tf.data.Dataset:
+  """Infinite stream of (weak, strong) view pairs; a deterministic function of (seed, process).
+
+  Yields, with (h, w) = crop_size and B = batch_size:
+    'weak_image': float32 [B, h, w, 3] in [-1, 1]: scale, pad, crop, flip.
+    'strong_image': float32 [B, h, w, 3]: the same geometry, plus colour jitter before padding
+      and a cutout box (normalized 0) after cropping; equal to 'weak_image' when not
+      `strong_augment` (the ablation switch; then there is no cutout either).
+    'valid': int32 [B, h, w]: 1 = real pixel, 0 = padding or inside the cutout box.
+    'mask': int32 [B, h, w]: the hidden ground truth under the weak view (ignore_label on padding,
+      NOT blanked by the cutout), only to monitor pseudo-label accuracy; all ignore_label when the
+      source has no masks.
+    'image_labels': float32 [B, num_classes - 1]: classes present in 'mask' outside the cutout box
+      (as the original), for the weakly-labeled setting.
+  `cutout_size` is the box side in pixels (SPEC: 100 for crop 513; 0 = no cutout).
+  """
+  read_example = functools.partial(_image_and_mask, missing_mask_label=ignore_label)
+  augment_example = functools.partial(
+      augment_unlabeled_example, crop_size=crop_size, scales=scales, ignore_label=ignore_label,
+      num_classes=num_classes, strong_augment=strong_augment, cutout_size=cutout_size)
+  return _training_stream(
+      dataset, read_example, augment_example, batch_size=batch_size, seed=seed,
+      stream_tag=UNLABELED_STREAM_TAG, process_index=process_index, process_count=process_count,
+      shuffle_buffer=shuffle_buffer)
 
 
 def augment_labeled_example(example, seed, *, crop_size: augment.CropSize,
                             scales: Sequence[float], ignore_label: int, num_classes: int) -> dict:
   """Scale, pad, crop, flip (SPEC section 6, labeled stream) and labels read off the crop."""
   example = _image_and_mask(example)
-  image, mask = example["image"], example["mask"]
-  geometry = augment.sample_geometry(seed, tf.shape(image)[:2], crop_size, scales)
-  image = augment.apply_geometry_to_image(image, geometry)
-  mask = augment.apply_geometry_to_label(mask, geometry, fill_value=ignore_label)[..., 0]
-  return {
-      "image": augment.normalize_image(image),
-      "mask": mask,
-      "image_labels": augment.image_labels_from_mask(
-          mask, num_classes=num_classes, ignore_label=ignore_label),
+  geometry = augment.sample_geometry(seed, tf.shape(example["image"])[:2], crop_size, scales)
+  scaled_image = augment.scale_image(example["image"], geometry)
+  return _weak_view(scaled_image, example["mask"], geometry, ignore_label=ignore_label,
+                    num_classes=num_classes)
+
+
+def augment_unlabeled_example(example, seed, *, crop_size: augment.CropSize,
+                              scales: Sequence[float], ignore_label: int, num_classes: int,
+                              strong_augment: bool = True, cutout_size: int = 0,
+                              jitter_colors: Callable = augment.color_jitter) -> dict:
+  """One geometry, two views (SPEC section 6); the keys of `unlabeled_stream`, unbatched.
+
+  `jitter_colors(scaled_image, seed)` maps [0, 255] to [0, 255]; tests swap it to see the
+  geometry through the strong view.
+  """
+  example = _image_and_mask(example, missing_mask_label=ignore_label)
+  geometry_seed, jitter_seed, cutout_seed = tf.unstack(
+      tf.random.experimental.stateless_split(seed, num=3))
+  geometry = augment.sample_geometry(
+      geometry_seed, tf.shape(example["image"])[:2], crop_size, scales)
+  # Scaled once: both views are cut from the same pixels.
+  scaled_image = augment.scale_image(example["image"], geometry)
+  weak = _weak_view(scaled_image, example["mask"], geometry, ignore_label=ignore_label,
+                    num_classes=num_classes)
+  views = {"weak_image": weak.pop("image"), **weak}
+  if not strong_augment:
+    return views | {"strong_image": views["weak_image"]}
+  strong_image = augment.place_image(jitter_colors(scaled_image, jitter_seed), geometry)
+  cutout = augment.sample_cutout(cutout_seed, geometry.crop_size, cutout_size)
+  # The original voids the box in the label it derives image-level labels from, so those name only
+  # classes the strong view still shows. 'mask' itself keeps the box: it only serves monitoring,
+  # which skips invalid pixels anyway.
+  mask_outside_box = tf.where(cutout > 0, tf.constant(ignore_label, views["mask"].dtype),
+                              views["mask"])
+  return views | {
+      "strong_image": augment.normalize_image(augment.cut_out(strong_image, cutout)),
+      "valid": views["valid"] * (1 - cutout),
+      "image_labels": augment.image_labels_from_mask(mask_outside_box, num_classes=num_classes,
+                                                     ignore_label=ignore_label),
   }
 
 
-def stream_seeds(seed: Seed, process_index: int):
+def stream_seeds(seed: Seed, process_index: int, stream_tag: int = 0):
   """(shuffle seed: Python int, augmentation key: int64 [2]), both derived from (seed, process).
 
-  The process index is mixed in so that hosts do not draw identical crops at the same step.
+  The process index is mixed in so that hosts do not draw identical crops at the same step; a
+  nonzero `stream_tag` too, so that different streams of one run differ.
   """
   parts = [seed] if isinstance(seed, (int, np.integer)) else list(seed)
   parts = [int(p) % 2**63 for p in parts] + [int(process_index)]
+  if stream_tag:
+    parts.append(int(stream_tag))
   shuffle_seed = int(np.random.SeedSequence(parts + [0]).generate_state(1, np.uint32)[0])
   key = tf.constant([parts[0], 1], tf.int64)
   for part in parts[1:]:
     key = tf.random.experimental.stateless_fold_in(key, tf.constant(part, tf.int64))
   return shuffle_seed, key
+
+
+def _training_stream(dataset: tf.data.Dataset, read_example: Callable, augment_example: Callable,
+                     *, batch_size: int, seed: Seed, process_index: int, process_count: int,
+                     shuffle_buffer: int, stream_tag: int = 0) -> tf.data.Dataset:
+  """Shard, shuffle, repeat, then `augment_example(example, seed)` with a seed per element."""
+  hide_tensorflow_from_accelerators()  # Before the first TF op below initializes the runtime.
+  shuffle_seed, augment_key = stream_seeds(seed, process_index, stream_tag)
+  ds = dataset.shard(process_count, process_index)  # Before shuffle/repeat: disjoint per process.
+  ds = ds.map(read_example, num_parallel_calls=AUTOTUNE, deterministic=True)
+  ds = ds.shuffle(shuffle_buffer, seed=shuffle_seed, reshuffle_each_iteration=True).repeat()
+  # The running element index (over all epochs) gives every example its own augmentation seed.
+  ds = ds.enumerate()
+
+  def augment_indexed(index, example):
+    return augment_example(example, tf.random.experimental.stateless_fold_in(augment_key, index))
+
+  ds = ds.map(augment_indexed, num_parallel_calls=AUTOTUNE, deterministic=True)
+  ds = ds.batch(batch_size, drop_remainder=True)
+  return ds.with_options(_deterministic_options()).prefetch(AUTOTUNE)
+
+
+def _weak_view(scaled_image, mask, geometry: augment.Geometry, *, ignore_label: int,
+               num_classes: int) -> dict:
+  """Pads, crops and flips the scaled image and the mask; the labeled stream's keys."""
+  mask = augment.apply_geometry_to_label(
+      tf.cast(mask, tf.int32), geometry, fill_value=ignore_label)[..., 0]
+  return {
+      "image": augment.normalize_image(augment.place_image(scaled_image, geometry)),
+      "mask": mask,
+      "valid": augment.valid_mask(geometry),
+      "image_labels": augment.image_labels_from_mask(
+          mask, num_classes=num_classes, ignore_label=ignore_label),
+  }
 
 
 # --------------------------------------------------------------------------------------------------
@@ -158,7 +252,7 @@ def pad_eval_example(example, *, crop_size: augment.CropSize, ignore_label: int)
   """Pads image (127.5 -> normalized 0) and mask (ignore_label) bottom/right to crop_size."""
   crop_h, crop_w = augment.as_height_width(crop_size)
   example = _image_and_mask(example) | {"id": example["id"]}
-  image, mask = example["image"], example["mask"][..., 0]
+  image, mask = example["image"], tf.cast(example["mask"][..., 0], tf.int32)
   height, width = tf.shape(image)[0], tf.shape(image)[1]
   message = tf.strings.format(
       "Eval image {} is {}x{} (height x width), larger than the eval crop {}x{}. Images are "
@@ -192,12 +286,27 @@ def dummy_eval_example(crop_size: augment.CropSize, ignore_label: int) -> dict:
 # --------------------------------------------------------------------------------------------------
 
 
-def _image_and_mask(example) -> dict:
-  """Keeps the image (uint8 [H, W, 3]) and the mask as int32 [H, W, 1] (it may come as [H, W])."""
+def _image_and_mask(example, *, missing_mask_label: Optional[int] = None) -> dict:
+  """Keeps the image (uint8 [H, W, 3]) and the mask as [H, W, 1] (it may come as [H, W]).
+
+  The mask keeps its dtype (uint8 in the shuffle buffer is a quarter of int32); users cast.
+  An example without a mask gets one full of `missing_mask_label`, or a KeyError if that is None.
+  """
   image = example["image"]
-  mask = tf.cast(example["mask"], tf.int32)
+  if "mask" in example:
+    mask = example["mask"]
+  elif missing_mask_label is not None:
+    fill = tf.constant(missing_mask_label, _label_dtype(missing_mask_label))
+    mask = tf.fill(tf.shape(image)[:2], fill)
+  else:
+    raise KeyError("The example has no 'mask'; labeled and evaluation sources need masks.")
   mask = tf.reshape(mask, [tf.shape(mask)[0], tf.shape(mask)[1], 1])
   return {"image": image, "mask": mask}
+
+
+def _label_dtype(label: int) -> tf.DType:
+  """uint8 when the value fits (the usual ignore label 255), else int32."""
+  return tf.uint8 if 0 <= label <= 255 else tf.int32
 
 
 def _deterministic_options() -> tf.data.Options:

@@ -32,8 +32,8 @@ def _require(condition: bool, field: str, requirement: str, value) -> None:
 def validate_model_config(model_config) -> None:
   """Raises ValueError naming the first missing or bad field of `model_config`."""
   fields = ("backbone", "deep_stem", "output_stride", "aspp_rates", "aspp_channels",
-            "decoder_channels", "low_level_channels", "aspp_dropout", "cls_dropout", "bn_momentum",
-            "bn_epsilon", "dtype")
+            "decoder_channels", "low_level_channels", "sgc_attention_dim", "aspp_dropout",
+            "cls_dropout", "bn_momentum", "bn_epsilon", "dtype")
   missing = object()
   values = {field: getattr(model_config, field, missing) for field in fields}
   for field, value in values.items():
@@ -48,7 +48,7 @@ def validate_model_config(model_config) -> None:
   _require(isinstance(rates, (tuple, list)) and len(rates) == 3
            and all(_is_int(r) and r >= 1 for r in rates),
            "aspp_rates", "3 positive ints", rates)
-  for field in ("aspp_channels", "decoder_channels", "low_level_channels"):
+  for field in ("aspp_channels", "decoder_channels", "low_level_channels", "sgc_attention_dim"):
     _require(_is_int(values[field]) and values[field] >= 1, field, "a positive int", values[field])
   for field in ("aspp_dropout", "cls_dropout"):
     _require(isinstance(values[field], (int, float)) and 0 <= values[field] < 1, field,
@@ -78,6 +78,7 @@ def build_model(model_config, num_classes: int, *, rngs: nnx.Rngs) -> DeepLabV3P
       backbone, num_classes, aspp_rates=tuple(model_config.aspp_rates),
       aspp_channels=model_config.aspp_channels, decoder_channels=model_config.decoder_channels,
       low_level_channels=model_config.low_level_channels,
+      sgc_attention_dim=model_config.sgc_attention_dim,
       aspp_dropout=float(model_config.aspp_dropout), cls_dropout=float(model_config.cls_dropout),
       norm=norm, dtype=dtype, rngs=rngs)
 

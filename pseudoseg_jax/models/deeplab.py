@@ -3,6 +3,8 @@
   backbone: stage4  -> ASPP -> upsample to stride 4 --+
             stride4 -> 1x1 projection (48) -----------+-> concat -> 2 x 3x3 conv -> 1x1 logits
             stage4  -> global average pool -> dropout -> linear (num_classes - 1): cls_logits
+  SGCHead: parameters of self-attention Grad-CAM; the PseudoSeg loss applies them with
+           pseudo_labels.sgc_logits to the features and CAMs it chooses (see steps.py)
 
 All resizes are bilinear with align_corners=True. Dropout draws from the `rngs` given at call time,
 never from RNG state stored in the module, so the model can be split into pure dicts of params /
@@ -85,6 +87,29 @@ class ClassificationHead(nnx.Module):
     return self.linear(self.dropout(pooled, deterministic=not train, rngs=rngs))
 
 
+class SGCHead(nnx.Module):
+  """Parameters of the self-attention Grad-CAM head (SPEC 3): key and query 1x1 projections of the
+  hypercolumn to `attention_dim`, a 1x1 conv num_classes -> num_classes, and the offset of its
+  center-only norm. No biases. The arithmetic is `pseudo_labels.sgc_logits`.
+
+  Kernels start as slim's default (Glorot uniform), the original's initializer for these layers.
+  """
+
+  def __init__(self, hypercolumn_features: int, num_classes: int, *, attention_dim: int,
+               param_dtype=jnp.float32, rngs: nnx.Rngs):
+    init = nnx.initializers.glorot_uniform()
+    self.key = nnx.Param(init(rngs.params(), (hypercolumn_features, attention_dim), param_dtype))
+    self.query = nnx.Param(init(rngs.params(), (hypercolumn_features, attention_dim),
+                                param_dtype))
+    self.mix = nnx.Param(init(rngs.params(), (num_classes, num_classes), param_dtype))
+    self.offset = nnx.Param(jnp.zeros((num_classes,), param_dtype))
+
+  def params(self) -> dict:
+    """The arrays `pseudo_labels.sgc_logits` takes."""
+    return {"key": self.key[...], "query": self.query[...], "mix": self.mix[...],
+            "offset": self.offset[...]}
+
+
 class DeepLabV3Plus(nnx.Module):
   """DeepLabv3+ segmentation model with a classification head.
 
@@ -98,8 +123,8 @@ class DeepLabV3Plus(nnx.Module):
   def __init__(self, backbone: ResNet, num_classes: int, *, aspp_rates: Sequence[int],
                aspp_channels: int = 256, decoder_channels: int = 256,
                low_level_channels: int = 48, aspp_dropout: float = 0.1, cls_dropout: float = 0.5,
-               norm: NormConfig = NormConfig(), dtype=None, param_dtype=jnp.float32,
-               rngs: nnx.Rngs):
+               sgc_attention_dim: int = 128, norm: NormConfig = NormConfig(), dtype=None,
+               param_dtype=jnp.float32, rngs: nnx.Rngs):
     layer = dict(norm=norm, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.backbone = backbone
     self.aspp = ASPP(backbone.out_features["stage4"], aspp_channels, aspp_rates,
@@ -110,6 +135,10 @@ class DeepLabV3Plus(nnx.Module):
     self.cls_head = ClassificationHead(backbone.out_features["stage4"], num_classes - 1,
                                        dropout=cls_dropout, dtype=dtype, param_dtype=param_dtype,
                                        rngs=rngs)
+    # Hypercolumn of the last two stages, as the original's strides (15, 16).
+    self.sgc = SGCHead(backbone.out_features["stage3"] + backbone.out_features["stage4"],
+                       num_classes, attention_dim=sgc_attention_dim, param_dtype=param_dtype,
+                       rngs=rngs)
     self.uses_dropout = aspp_dropout > 0 or cls_dropout > 0
 
   def __call__(self, images: jax.Array, *, train: bool,

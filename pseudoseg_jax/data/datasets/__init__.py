@@ -25,6 +25,10 @@ class Source:
   num_labeled: int
   num_eval: int
   class_names: tuple
+  # PseudoSeg's pool of extra images. Their masks, where a source has them, serve only to derive
+  # image-level labels (weakly-labeled setting) and to monitor pseudo-label accuracy.
+  unlabeled: tf.data.Dataset | None = None
+  num_unlabeled: int = 0
 
 
 def _check_num_classes(config: ml_collections.ConfigDict, class_names: tuple) -> None:
@@ -67,6 +71,10 @@ def load_synthetic_shapes(config: ml_collections.ConfigDict) -> Source:
     if config.data[field] not in splits:
       raise ValueError(f"config.data.{field}={config.data[field]!r} is not a split of "
                        f"synthetic_shapes (splits: {', '.join(splits)}).")
+  unlabeled_split = config.data.unlabeled_split or config.data.train_split
+  if unlabeled_split not in splits:
+    raise ValueError(f"config.data.unlabeled_split={unlabeled_split!r} is not a split of "
+                     f"synthetic_shapes (splits: {', '.join(splits)}).")
   pool_size = splits[config.data.train_split].num_examples
   labeled_split = _split_with_limit(config.data.train_split, config.data.num_labeled, pool_size,
                                     "synthetic_shapes")
@@ -78,6 +86,9 @@ def load_synthetic_shapes(config: ml_collections.ConfigDict) -> Source:
       num_labeled=splits[labeled_split].num_examples,
       num_eval=splits[config.data.eval_split].num_examples,
       class_names=tuple(synthetic_shapes.CLASS_NAMES),
+      unlabeled=builder.as_dataset(split=unlabeled_split, shuffle_files=False,
+                                   read_config=_read_config()),
+      num_unlabeled=splits[unlabeled_split].num_examples,
   )
 
 

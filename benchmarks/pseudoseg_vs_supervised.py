@@ -1,0 +1,156 @@
+"""Quality benchmark: supervised-only vs PseudoSeg (unlabeled) vs PseudoSeg (image-level labels),
+same labeled subset and steps, several seeds; then the paper's ablations at one seed.
+
+  python benchmarks/pseudoseg_vs_supervised.py --out=workdirs/benchmark [--seeds=0,1,2]
+      [--config=configs/demo.py] [--num_labeled=100] [--steps=1000] [--only=main|ablations|all]
+
+Each run is the ordinary training command (`python -m pseudoseg_jax.main ...`) in its own workdir
+under --out, so an interrupted benchmark resumes where it stopped (finished runs are read back from
+their results.json, unfinished ones resume from their last checkpoint). The table goes to stdout
+and to OUT/results.md; the raw numbers to OUT/results.json. It is a benchmark, not a test: it takes
+hours on a 2-core CPU (about 7 min per supervised and 10-15 min per PseudoSeg run of the demo).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# name -> command-line overrides on top of the config. The first three are the main comparison.
+MAIN_RUNS = {
+    "supervised": {"method": "supervised"},
+    "pseudoseg (unlabeled)": {"method": "pseudoseg", "pseudoseg.weak_labels": False},
+    "pseudoseg (image-level labels)": {"method": "pseudoseg", "pseudoseg.weak_labels": True},
+}
+# The paper's ablations (Tables 3-5): each changes one switch of "pseudoseg (unlabeled)".
+ABLATIONS = {
+    "source: decoder only": {"pseudoseg.pseudo_label_source": "decoder"},
+    "source: SGC only": {"pseudoseg.pseudo_label_source": "sgc"},
+    "fusion without calibration": {"pseudoseg.calibrated": False},
+    "hard labels": {"pseudoseg.soft_labels": False},
+    "hard labels, threshold 0.9": {"pseudoseg.soft_labels": False,
+                                   "pseudoseg.confidence_threshold": 0.9},
+    "no sharpening (T = 1)": {"pseudoseg.temperature": 1.0},
+    "no strong augmentation": {"pseudoseg.strong_augment": False},
+}
+
+
+def run_name(name: str, seed: int) -> str:
+  slug = "".join(c if c.isalnum() else "_" for c in name).strip("_")
+  return f"{slug}_seed{seed}"
+
+
+def train(out: str, name: str, overrides: dict, seed: int, args) -> dict:
+  """Runs (or resumes, or reads back) one training run; returns its results.json."""
+  workdir = os.path.join(out, run_name(name, seed))
+  results_path = os.path.join(workdir, "results.json")
+  config_arg = f"{args.config}:num_labeled={args.num_labeled},steps={args.steps}"
+  flags = [f"--config.seed={seed}"]
+  flags += [f"--config.{field}={value}" for field, value in overrides.items()]
+  command = [sys.executable, "-m", "pseudoseg_jax.main", f"--config={config_arg}",
+             f"--workdir={workdir}", *flags]
+  if not os.path.exists(results_path):
+    print(f"[{time.strftime('%H:%M:%S')}] {name}, seed {seed}: {' '.join(command[1:])}",
+          flush=True)
+    started = time.perf_counter()
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "train.log"), "a") as log:
+      subprocess.run(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, check=True)
+    print(f"  done in {(time.perf_counter() - started) / 60:.1f} min", flush=True)
+  with open(results_path) as f:
+    results = json.load(f)
+  results["wall_clock_minutes"] = _wall_clock_minutes(workdir)
+  results["pseudo_accuracy"] = _final_pseudo_label_accuracy(workdir)
+  return results
+
+
+def _final_pseudo_label_accuracy(workdir: str):
+  """The last logged 'pseudo/accuracy' (pixel accuracy of the pseudo labels against the unlabeled
+  images' hidden ground truth), or None for supervised runs."""
+  accuracy = None
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    for line in f:
+      accuracy = json.loads(line).get("pseudo/accuracy", accuracy)
+  return accuracy
+
+
+def _wall_clock_minutes(workdir: str):
+  """From the training log's first and last timestamps (HH:MM:SS), if present."""
+  path = os.path.join(workdir, "train.log")
+  if not os.path.exists(path):
+    return None
+  stamps = []
+  with open(path) as f:
+    for line in f:
+      head = line[:8]
+      if len(head) == 8 and head[2] == ":" and head[5] == ":":
+        h, m, s = (int(x) for x in head.split(":"))
+        stamps.append(h * 3600 + m * 60 + s)
+  if len(stamps) < 2:
+    return None
+  return round(((stamps[-1] - stamps[0]) % 86400) / 60, 1)
+
+
+def summarize(values: list) -> str:
+  """mean +- sample standard deviation (in mIoU points), and the individual runs."""
+  points = [100 * v for v in values]
+  if len(points) == 1:
+    return f"{points[0]:.1f}"
+  spread = statistics.stdev(points)
+  runs = ", ".join(f"{p:.1f}" for p in points)
+  return f"{statistics.mean(points):.1f} ± {spread:.1f} ({runs})"
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--out", required=True)
+  parser.add_argument("--config", default="configs/demo.py")
+  parser.add_argument("--seeds", default="0,1,2")
+  parser.add_argument("--num_labeled", type=int, default=100)
+  parser.add_argument("--steps", type=int, default=1000)
+  parser.add_argument("--only", choices=("main", "ablations", "all"), default="all")
+  args = parser.parse_args()
+  seeds = [int(s) for s in args.seeds.split(",")]
+  out = os.path.abspath(args.out)
+  os.makedirs(out, exist_ok=True)
+
+  table = {}
+  if args.only in ("main", "all"):
+    for seed in seeds:  # Seed-major, so a partial benchmark has every method at the first seeds.
+      for name, overrides in MAIN_RUNS.items():
+        table.setdefault(name, []).append(train(out, name, overrides, seed, args))
+  if args.only in ("ablations", "all"):
+    base = MAIN_RUNS["pseudoseg (unlabeled)"]
+    for name, overrides in ABLATIONS.items():
+      table[name] = [train(out, name, {**base, **overrides}, seeds[0], args)]
+
+  lines = [f"{args.config}, {args.num_labeled} labeled images, {args.steps} steps; val mIoU (%), "
+           "mean ± std over seeds (runs)", "",
+           "| run | seeds | val mIoU | pseudo-label acc. at end | minutes per run |",
+           "|---|---|---|---|---|"]
+  for name, runs in table.items():
+    accuracy = [r.get("pseudo_accuracy") for r in runs if r.get("pseudo_accuracy") is not None]
+    minutes = [r["wall_clock_minutes"] for r in runs if r.get("wall_clock_minutes")]
+    lines.append(f"| {name} | {len(runs)} | {summarize([r['val/miou'] for r in runs])} | "
+                 f"{summarize(accuracy) if accuracy else '-'} | "
+                 f"{f'{statistics.mean(minutes):.1f}' if minutes else '-'} |")
+  text = "\n".join(lines)
+  print(text)
+  with open(os.path.join(out, "results.md"), "w") as f:
+    f.write(text + "\n")
+  with open(os.path.join(out, "results.json"), "w") as f:
+    json.dump({name: [{k: r.get(k) for k in ("step", "val/miou", "pseudo_accuracy",
+                                             "wall_clock_minutes")} for r in runs]
+               for name, runs in table.items()}, f, indent=2)
+
+
+if __name__ == "__main__":
+  main()
