@@ -80,6 +80,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.pseudoseg.strong_augment = True  # False: the strong view is the weak view.
   config.pseudoseg.cutout_size = 100  # Side of the strong view's cutout box in pixels; 0 = none.
   config.pseudoseg.consistency_weight = 1.0
+  # Not in the original (0 = off): raise the consistency weight from 0 over this many steps, for
+  # models trained from scratch whose first pseudo labels are noise (see steps.consistency_weight).
+  config.pseudoseg.consistency_rampup_steps = 0
 
   config.log_every = 50
   config.image_summary_every = 1_000  # TensorBoard grid of views and pseudo labels; 0 = never.
@@ -162,6 +165,9 @@ def _validate_pseudoseg(section: ml_collections.ConfigDict) -> None:
   if not 0 <= section.confidence_threshold < 1:
     raise ValueError("config.pseudoseg.confidence_threshold must be in [0, 1), got "
                      f"{section.confidence_threshold}.")
+  if section.consistency_rampup_steps < 0:
+    raise ValueError("config.pseudoseg.consistency_rampup_steps must be >= 0, got "
+                     f"{section.consistency_rampup_steps}.")
   if section.cutout_size < 0:
     raise ValueError(f"config.pseudoseg.cutout_size must be >= 0, got {section.cutout_size}.")
 

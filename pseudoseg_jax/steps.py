@@ -7,6 +7,7 @@ nothing stateful leaks across steps and the state is an ordinary pytree for opta
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax
@@ -131,10 +132,9 @@ def class_activation_maps(model: nnx.Module, features: dict, image_labels: jax.A
   return pseudo_labels.normalize_cam(cam, image_labels)
 
 
-def sgc_logits(model: nnx.Module, features: dict, image_labels: jax.Array,
-               valid: jax.Array) -> jax.Array:
-  """SGC logits at feature resolution; `valid` [N, H, W] is resized the original's way."""
-  cam = class_activation_maps(model, features, image_labels)
+def sgc_logits(model: nnx.Module, features: dict, cam: jax.Array, valid: jax.Array) -> jax.Array:
+  """SGC logits at feature resolution from the normalized CAM; `valid` [N, H, W] (input
+  resolution) is resized the original's way."""
   feature_valid = pseudo_labels.resize_nearest(valid, cam.shape[1:3])
   return pseudo_labels.sgc_logits(model.sgc.params(), sgc_features(features), cam, feature_valid)
 
@@ -163,9 +163,9 @@ def make_pseudo_labels(model: nnx.Module, weak_logits: jax.Array, unlabeled: dic
     else:
       image_labels = pseudo_labels.predicted_image_labels(
           model.cls_head(features["stage4"], train=False, rngs=None))
-    sgc = resize_bilinear(sgc_logits(model, features, image_labels, unlabeled["valid"]), size)
-    outputs["sgc_logits"] = sgc
-    outputs["cam"] = class_activation_maps(model, features, image_labels)
+    cam = class_activation_maps(model, features, image_labels)
+    sgc = resize_bilinear(sgc_logits(model, features, cam, unlabeled["valid"]), size)
+    outputs.update(sgc_logits=sgc, cam=cam)
     if options.pseudo_label_source == "sgc":
       probs = jax.nn.softmax(sgc, axis=-1)
     else:
@@ -223,10 +223,23 @@ def pseudo_label_metrics(weak: dict, pseudo: dict, strong: dict, unlabeled: dict
   return metrics
 
 
+def consistency_weight(config: ml_collections.ConfigDict, step) -> jax.Array:
+  """The consistency loss weight at `step`: constant (the original), or raised from 0 over the first
+  `consistency_rampup_steps` with exp(-5 (1 - t)^2) (Laine & Aila's ramp-up), for models whose
+  early pseudo labels would only teach the network its own initial mistakes (training from
+  scratch; the original always started from ImageNet weights)."""
+  options = config.pseudoseg
+  if options.consistency_rampup_steps <= 0:
+    return jnp.asarray(options.consistency_weight, jnp.float32)
+  progress = jnp.clip(jnp.asarray(step, jnp.float32) / options.consistency_rampup_steps, 0.0, 1.0)
+  return options.consistency_weight * jnp.exp(-5.0 * jnp.square(1.0 - progress))
+
+
 def pseudoseg_loss(params: dict, batch_stats: dict, batch: dict, key: jax.Array, *,
-                   graphdef: nnx.GraphDef, config: ml_collections.ConfigDict):
+                   graphdef: nnx.GraphDef, config: ml_collections.ConfigDict, step=0):
   """SPEC 5: supervised CE + SGC CE + classification + consistency. batch = {'labeled': ...,
-  'unlabeled': ...}. Returns (loss, (stats, metrics))."""
+  'unlabeled': ...}; `step` only matters with a consistency ramp-up. Returns (loss, (stats,
+  metrics))."""
   options = config.pseudoseg
   ignore_label = config.data.ignore_label
   uses_sgc = options.pseudo_label_source != "decoder"
@@ -240,7 +253,8 @@ def pseudoseg_loss(params: dict, batch_stats: dict, batch: dict, key: jax.Array,
   terms = {"supervised": losses.masked_cross_entropy(logits, labeled["mask"], ignore_label)}
   if uses_sgc:
     # The SGC learns on labeled images only, from a CAM of their true image-level labels.
-    labeled_sgc = sgc_logits(model, outputs["features"], labeled["image_labels"], labeled["valid"])
+    labeled_cam = class_activation_maps(model, outputs["features"], labeled["image_labels"])
+    labeled_sgc = sgc_logits(model, outputs["features"], labeled_cam, labeled["valid"])
     terms["sgc"] = losses.masked_cross_entropy(resize_bilinear(labeled_sgc, crop), labeled["mask"],
                                                ignore_label)
     if not options.weak_labels:
@@ -252,12 +266,14 @@ def pseudoseg_loss(params: dict, batch_stats: dict, batch: dict, key: jax.Array,
     # As the original (cls_with_cls), the classifier then learns from the image-level-labeled pool.
     terms["classification"] = losses.multilabel_sigmoid_cross_entropy(
         weak["cls_logits"], unlabeled["image_labels"])
-  terms["consistency"] = options.consistency_weight * losses.consistency_cross_entropy(
+  weight = consistency_weight(config, step)
+  terms["consistency"] = weight * losses.consistency_cross_entropy(
       strong["logits"], pseudo["targets"], pseudo["weights"], jnp.sum(pseudo["valid"]))
 
   loss = sum(terms.values())
   metrics = {f"train/{name}_loss": value for name, value in terms.items()}
   metrics["train/pixel_accuracy"] = losses.pixel_accuracy(logits, labeled["mask"], ignore_label)
+  metrics["train/consistency_weight"] = weight
   metrics.update(pseudo_label_metrics(weak, pseudo, strong, unlabeled,
                                       num_classes=config.data.num_classes,
                                       ignore_label=ignore_label))
@@ -294,7 +310,10 @@ def pseudo_label_images(params: dict, batch_stats: dict, unlabeled: dict, key: j
 def train_step(state: TrainState, batch: dict, *, graphdef: nnx.GraphDef,
                tx: optax.GradientTransformation, config: ml_collections.ConfigDict):
   key = step_key(config.seed, state.step)
-  loss_fn = pseudoseg_loss if config.method == "pseudoseg" else supervised_loss
+  if config.method == "pseudoseg":
+    loss_fn = functools.partial(pseudoseg_loss, step=state.step)
+  else:
+    loss_fn = supervised_loss
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   (loss, (new_stats, metrics)), grads = grad_fn(state.params, state.batch_stats, batch, key,
                                                graphdef=graphdef, config=config)

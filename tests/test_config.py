@@ -10,11 +10,16 @@ def test_demo_config_is_valid_and_parses_its_arguments():
   config = demo.get_config("method=supervised,num_labeled=50,steps=10")
   config_lib.validate(config)
   assert (config.method, config.data.num_labeled, config.total_steps) == ("supervised", 50, 10)
+  default = demo.get_config()
+  config_lib.validate(default)
+  assert default.method == "pseudoseg" and not default.pseudoseg.weak_labels
+  assert demo.get_config("weak_labels=True").pseudoseg.weak_labels
 
 
 @pytest.mark.parametrize("arg, message", [
     ("nmu_labeled=3", "Unknown demo.py argument 'nmu_labeled'"),
     ("steps", "must look like name=value"),
+    ("weak_labels=maybe", "weak_labels='maybe' must be true or false"),
 ])
 def test_demo_config_rejects_bad_arguments(arg, message):
   with pytest.raises(ValueError, match=message):
@@ -35,9 +40,18 @@ def test_unknown_field_is_named_with_a_suggestion():
     ("method", "fixmatch", "config.method must be one of"),
     ("total_steps", 0, "config.total_steps must be >= 1"),
     ("optimizer.name", "lamb", "config.optimizer.name must be one of"),
+    ("pseudoseg.pseudo_label_source", "cam", "pseudo_label_source must be one of"),
+    ("pseudoseg.fusion_group_size", 5, r"fusion_group_size=5 must be >= 1 and divide .*=64"),
+    ("pseudoseg.gamma", 1.5, "gamma must be in"),
+    ("pseudoseg.temperature", 0.0, "temperature must be > 0"),
+    ("pseudoseg.confidence_threshold", 1.0, r"confidence_threshold must be in \[0, 1\)"),
+    ("pseudoseg.cutout_size", -1, "cutout_size must be >= 0"),
+    ("pseudoseg.consistency_rampup_steps", -5, "consistency_rampup_steps must be >= 0"),
+    ("model.sgc_attention_dim", 0, "sgc_attention_dim must be a positive int"),
 ])
 def test_bad_values_are_named(field, value, message):
   config = config_lib.base_config()
+  config.method = "pseudoseg"
   parent, _, leaf = field.rpartition(".")
   (config[parent] if parent else config)[leaf] = value
   with pytest.raises(ValueError, match=message):

@@ -83,8 +83,8 @@ def test_sgc_loss_trains_only_the_sgc_head(model_state):
     def loss(params):
       model = nnx.merge(graphdef, params, batch_stats)
       outputs = model(labeled["image"], train=True, rngs=nnx.Rngs(dropout=jax.random.key(0)))
-      logits = steps.sgc_logits(model, outputs["features"], labeled["image_labels"],
-                                labeled["valid"])
+      cam = steps.class_activation_maps(model, outputs["features"], labeled["image_labels"])
+      logits = steps.sgc_logits(model, outputs["features"], cam, labeled["valid"])
       return losses.masked_cross_entropy(resize_bilinear(logits, (CROP, CROP)), labeled["mask"],
                                          IGNORE)
     return jax.grad(loss)(params)
@@ -209,3 +209,11 @@ def test_pseudo_label_accuracy_is_class_balanced_against_the_hidden_truth():
                                        num_classes=3, ignore_label=IGNORE)
   np.testing.assert_allclose(metrics["pseudo/accuracy"], 1.0, rtol=1e-6)
   np.testing.assert_allclose(metrics["pseudo/decoder_accuracy"], 0.25, rtol=1e-6)
+
+
+def test_consistency_weight_is_constant_or_ramped_up():
+  config = tiny_config(consistency_weight=2.0)
+  assert float(steps.consistency_weight(config, 0)) == 2.0
+  config = tiny_config(consistency_weight=2.0, consistency_rampup_steps=100)
+  weights = [float(steps.consistency_weight(config, step)) for step in (0, 50, 100, 500)]
+  np.testing.assert_allclose(weights, [2 * np.exp(-5), 2 * np.exp(-1.25), 2.0, 2.0], rtol=1e-6)

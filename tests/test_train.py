@@ -16,6 +16,8 @@ TINY_OVERRIDES = {
     "eval_crop_size": 97, "log_every": 2, "eval_every": 4, "checkpoint_every": 2,
     "data.name": "synthetic_shapes/tiny", "data.num_labeled": 8, "data.shuffle_buffer": 8,
     "model.aspp_channels": 16, "model.decoder_channels": 16, "model.low_level_channels": 8,
+    "model.sgc_attention_dim": 8, "pseudoseg.unlabeled_batch_size": 4, "pseudoseg.cutout_size": 8,
+    "image_summary_every": 2,
 }
 
 
@@ -36,7 +38,7 @@ def read_metrics(workdir):
 
 @pytest.fixture(scope="module")
 def cli_run(tmp_path_factory):
-  """One CLI run of the demo config shrunk to 4 steps, shared by the tests below."""
+  """One CLI run of the demo config (PseudoSeg) shrunk to 4 steps, shared by the tests below."""
   data_dir = tmp_path_factory.mktemp("tfds")
   workdir = str(tmp_path_factory.mktemp("work") / "run")
   args = [sys.executable, "-m", "pseudoseg_jax.main", "--config=configs/demo.py:steps=4",
@@ -61,8 +63,20 @@ def test_cli_writes_the_workdir_contract(cli_run):
   metrics = read_metrics(workdir)
   assert [m["step"] for m in metrics if "train/loss" in m] == [2, 4]
   assert any("val/miou" in m for m in metrics)
+  for name in ("train/consistency_loss", "train/sgc_loss", "pseudo/accuracy"):
+    assert 0 <= metrics[0][name] < 100, name
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
-  assert os.listdir(os.path.join(workdir, "tensorboard"))
+  assert tensorboard_image_steps(os.path.join(workdir, "tensorboard")) == [1, 2, 4]
+
+
+def tensorboard_image_steps(logdir):
+  """Steps at which a 'pseudo_labels' image grid was written."""
+  from tensorboard.backend.event_processing import event_accumulator
+  accumulator = event_accumulator.EventAccumulator(logdir, size_guidance={"tensors": 0})
+  accumulator.Reload()
+  if "pseudo_labels" not in accumulator.Tags()["tensors"]:
+    return []
+  return [event.step for event in accumulator.Tensors("pseudo_labels")]
 
 
 def test_rerunning_a_finished_run_resumes_instead_of_retraining(cli_run):
