@@ -3,6 +3,7 @@ same labeled subset and steps, several seeds; then the paper's ablations at one 
 
   python benchmarks/pseudoseg_vs_supervised.py --out=workdirs/benchmark [--seeds=0,1,2]
       [--config=configs/demo.py] [--num_labeled=100] [--steps=1000] [--only=main|reference|ablations|all]
+      [--report_only]
 
 Each run is the ordinary training command (`python -m pseudoseg_jax.main ...`) in its own workdir
 under --out, so an interrupted benchmark resumes where it stopped (finished runs are read back from
@@ -56,8 +57,9 @@ def run_name(name: str, seed: int) -> str:
   return f"{slug}_seed{seed}"
 
 
-def train(out: str, name: str, overrides: dict, seed: int, args) -> dict:
-  """Runs (or resumes, or reads back) one training run; returns its results.json."""
+def train(out: str, name: str, overrides: dict, seed: int, args) -> dict | None:
+  """Runs (or resumes, or reads back) one training run; returns its results.json, or None for a
+  run not finished yet under --report_only."""
   workdir = os.path.join(out, run_name(name, seed))
   results_path = os.path.join(workdir, "results.json")
   config_arg = f"{args.config}:num_labeled={args.num_labeled},steps={args.steps}"
@@ -65,6 +67,8 @@ def train(out: str, name: str, overrides: dict, seed: int, args) -> dict:
   flags += [f"--config.{field}={value}" for field, value in overrides.items()]
   command = [sys.executable, "-m", "pseudoseg_jax.main", f"--config={config_arg}",
              f"--workdir={workdir}", *flags]
+  if not os.path.exists(results_path) and args.report_only:
+    return None
   if not os.path.exists(results_path):
     print(f"[{time.strftime('%H:%M:%S')}] {name}, seed {seed}: {' '.join(command[1:])}",
           flush=True)
@@ -76,18 +80,23 @@ def train(out: str, name: str, overrides: dict, seed: int, args) -> dict:
   with open(results_path) as f:
     results = json.load(f)
   results["wall_clock_minutes"] = _wall_clock_minutes(workdir)
-  results["pseudo_accuracy"] = _final_pseudo_label_accuracy(workdir)
+  results.update(_final_pseudo_label_accuracies(workdir))
   return results
 
 
-def _final_pseudo_label_accuracy(workdir: str):
-  """The last logged 'pseudo/accuracy' (pixel accuracy of the pseudo labels against the unlabeled
-  images' hidden ground truth), or None for supervised runs."""
-  accuracy = None
+PSEUDO_METRICS = {"pseudo_accuracy": "pseudo/accuracy", "decoder_accuracy": "pseudo/decoder_accuracy",
+                  "sgc_accuracy": "pseudo/sgc_accuracy"}
+
+
+def _final_pseudo_label_accuracies(workdir: str) -> dict:
+  """The last logged class-balanced accuracies, against the unlabeled images' hidden ground truth,
+  of the pseudo labels, of the decoder alone and of the SGC alone (absent for supervised runs)."""
+  found = {}
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     for line in f:
-      accuracy = json.loads(line).get("pseudo/accuracy", accuracy)
-  return accuracy
+      record = json.loads(line)
+      found.update({key: record[name] for key, name in PSEUDO_METRICS.items() if name in record})
+  return found
 
 
 def _wall_clock_minutes(workdir: str):
@@ -126,6 +135,8 @@ def main():
   parser.add_argument("--num_labeled", type=int, default=100)
   parser.add_argument("--steps", type=int, default=1000)
   parser.add_argument("--only", choices=("main", "reference", "ablations", "all"), default="all")
+  parser.add_argument("--report_only", action="store_true",
+                      help="Tabulate the finished runs; train nothing.")
   args = parser.parse_args()
   seeds = [int(s) for s in args.seeds.split(",")]
   out = os.path.abspath(args.out)
@@ -144,23 +155,27 @@ def main():
     for name, overrides in ABLATIONS.items():
       table[name] = [train(out, name, {**base, **overrides}, seeds[0], args)]
 
+  table = {name: [r for r in runs if r is not None] for name, runs in table.items()}
+  table = {name: runs for name, runs in table.items() if runs}
   lines = [f"{args.config}, {args.num_labeled} labeled images, {args.steps} steps; val mIoU (%), "
            "mean ± std over seeds (runs); pseudo-label accuracy is class-balanced, against the "
            "unlabeled images' hidden masks", "",
-           "| run | seeds | val mIoU | pseudo-label acc. at end | minutes per run |",
-           "|---|---|---|---|---|"]
+           "| run | seeds | val mIoU | accuracy of: pseudo labels | decoder | SGC | minutes per run |",
+           "|---|---|---|---|---|---|---|"]
   for name, runs in table.items():
-    accuracy = [r.get("pseudo_accuracy") for r in runs if r.get("pseudo_accuracy") is not None]
+    cells = [name, str(len(runs)), summarize([r["val/miou"] for r in runs])]
+    for key in PSEUDO_METRICS:
+      values = [r[key] for r in runs if r.get(key) is not None]
+      cells.append(summarize(values) if values else "-")
     minutes = [r["wall_clock_minutes"] for r in runs if r.get("wall_clock_minutes")]
-    lines.append(f"| {name} | {len(runs)} | {summarize([r['val/miou'] for r in runs])} | "
-                 f"{summarize(accuracy) if accuracy else '-'} | "
-                 f"{f'{statistics.mean(minutes):.1f}' if minutes else '-'} |")
+    cells.append(f"{statistics.mean(minutes):.1f}" if minutes else "-")
+    lines.append("| " + " | ".join(cells) + " |")
   text = "\n".join(lines)
   print(text)
   with open(os.path.join(out, "results.md"), "w") as f:
     f.write(text + "\n")
   with open(os.path.join(out, "results.json"), "w") as f:
-    json.dump({name: [{k: r.get(k) for k in ("step", "val/miou", "pseudo_accuracy",
+    json.dump({name: [{k: r.get(k) for k in ("step", "val/miou", *PSEUDO_METRICS,
                                              "wall_clock_minutes")} for r in runs]
                for name, runs in table.items()}, f, indent=2)
 

@@ -132,10 +132,15 @@ def class_activation_maps(model: nnx.Module, features: dict, image_labels: jax.A
   return pseudo_labels.normalize_cam(cam, image_labels)
 
 
-def sgc_logits(model: nnx.Module, features: dict, cam: jax.Array, valid: jax.Array) -> jax.Array:
-  """SGC logits at feature resolution from the normalized CAM; `valid` [N, H, W] (input
-  resolution) is resized the original's way."""
-  feature_valid = pseudo_labels.resize_nearest(valid, cam.shape[1:3])
+def sgc_logits(model: nnx.Module, features: dict, cam: jax.Array,
+               decoder_valid: jax.Array) -> jax.Array:
+  """SGC logits at feature resolution from the normalized CAM.
+
+  `decoder_valid` is the valid mask at DECODER resolution: the original resizes the input-size mask
+  to the decoder's size and that one to the CAM's (nearest, twice), which picks other rows and
+  columns than one resize from the input size would.
+  """
+  feature_valid = pseudo_labels.resize_nearest(decoder_valid, cam.shape[1:3])
   return pseudo_labels.sgc_logits(model.sgc.params(), sgc_features(features), cam, feature_valid)
 
 
@@ -164,7 +169,7 @@ def make_pseudo_labels(model: nnx.Module, weak_logits: jax.Array, unlabeled: dic
       image_labels = pseudo_labels.predicted_image_labels(
           model.cls_head(features["stage4"], train=False, rngs=None))
     cam = class_activation_maps(model, features, image_labels)
-    sgc = resize_bilinear(sgc_logits(model, features, cam, unlabeled["valid"]), size)
+    sgc = resize_bilinear(sgc_logits(model, features, cam, valid), size)
     outputs.update(sgc_logits=sgc, cam=cam)
     if options.pseudo_label_source == "sgc":
       probs = jax.nn.softmax(sgc, axis=-1)
@@ -254,7 +259,8 @@ def pseudoseg_loss(params: dict, batch_stats: dict, batch: dict, key: jax.Array,
   if uses_sgc:
     # The SGC learns on labeled images only, from a CAM of their true image-level labels.
     labeled_cam = class_activation_maps(model, outputs["features"], labeled["image_labels"])
-    labeled_sgc = sgc_logits(model, outputs["features"], labeled_cam, labeled["valid"])
+    labeled_valid = pseudo_labels.resize_nearest(labeled["valid"], outputs["logits"].shape[1:3])
+    labeled_sgc = sgc_logits(model, outputs["features"], labeled_cam, labeled_valid)
     terms["sgc"] = losses.masked_cross_entropy(resize_bilinear(labeled_sgc, crop), labeled["mask"],
                                                ignore_label)
     if not options.weak_labels:

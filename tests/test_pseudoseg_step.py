@@ -84,7 +84,8 @@ def test_sgc_loss_trains_only_the_sgc_head(model_state):
       model = nnx.merge(graphdef, params, batch_stats)
       outputs = model(labeled["image"], train=True, rngs=nnx.Rngs(dropout=jax.random.key(0)))
       cam = steps.class_activation_maps(model, outputs["features"], labeled["image_labels"])
-      logits = steps.sgc_logits(model, outputs["features"], cam, labeled["valid"])
+      valid = pseudo_labels.resize_nearest(labeled["valid"], outputs["logits"].shape[1:3])
+      logits = steps.sgc_logits(model, outputs["features"], cam, valid)
       return losses.masked_cross_entropy(resize_bilinear(logits, (CROP, CROP)), labeled["mask"],
                                          IGNORE)
     return jax.grad(loss)(params)

@@ -25,6 +25,7 @@ from pseudoseg_jax.models.resnet import ConvBN, NormConfig, ResNet, conv2d
 # DeepLab initialises its logits layers with a small normal (stddev 0.01) so training starts near
 # uniform predictions.
 logits_init = nnx.initializers.normal(stddev=0.01)
+classifier_init = nnx.initializers.variance_scaling(2.0, "fan_in", "truncated_normal")
 
 
 class ASPP(nnx.Module):
@@ -79,7 +80,10 @@ class ClassificationHead(nnx.Module):
   def __init__(self, in_features: int, num_outputs: int, *, dropout: float, dtype=None,
                param_dtype=jnp.float32, rngs: nnx.Rngs):
     self.dropout = nnx.Dropout(dropout)
-    self.linear = nnx.Linear(in_features, num_outputs, kernel_init=logits_init, dtype=dtype,
+    # The original's head inherits the backbone's initializer (slim's variance_scaling_initializer:
+    # truncated normal, fan-in, scale 2), not the decoder's small logits init; its spread matters
+    # because the first image labels PseudoSeg predicts are sigmoid(cls_logits) >= 0.5.
+    self.linear = nnx.Linear(in_features, num_outputs, kernel_init=classifier_init, dtype=dtype,
                              param_dtype=param_dtype, rngs=rngs)
 
   def __call__(self, features: jax.Array, *, train: bool, rngs: nnx.Rngs | None) -> jax.Array:
