@@ -17,6 +17,8 @@ INSTALL_REQUIRES = [
     "ml-collections>=1.0,<1.2",
     "absl-py>=2.1,<3",
     "numpy>=1.26,<3",
+    "pillow>=10,<14",  # Masks read as palette/grayscale class indices (TF would expand palettes).
+    "scipy>=1.11,<2",  # SBD's .mat masks.
 ]
 
 setup(

@@ -38,6 +38,9 @@ def get_config(arg: str | None = None):
   config.data.num_labeled = int(args.get("num_labeled", 100))
   config.data.num_classes = 8  # synthetic_shapes: background + 7 shapes.
   config.data.shuffle_buffer = 512
+  # The whole 2,000-image train split is the unlabeled pool, labeled images included, as the
+  # original's VOC setting (and as the README's measurements were made).
+  config.data.unlabeled_includes_labeled = True
 
   config.model.backbone = "resnet_tiny"
   # Output stride 8 (13x13 features for a 97 crop) with ASPP rates scaled to that map, as DeepLab's

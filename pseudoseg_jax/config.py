@@ -28,16 +28,31 @@ def base_config() -> ml_collections.ConfigDict:
   config.scales = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0)
 
   config.data = ml_collections.ConfigDict()
-  config.data.name = "synthetic_shapes"
+  config.data.name = "synthetic_shapes"  # One of datasets.SOURCES: voc, coco, coco_voc, folder...
   config.data.data_dir = ""  # TFDS data_dir; empty = TFDS default (~/tensorflow_datasets).
-  config.data.num_labeled = 0  # Take the first N images of the train pool as labeled; 0 = all.
-  config.data.train_split = "train"
-  # PseudoSeg's unlabeled pool; empty = the whole train_split, labeled images included (the paper's
-  # setting: VOC's 10,582 train_aug images include the 1,464 labeled ones).
+  # Where VOC/SBD/COCO archives were put by hand; empty = TFDS's default, DATA_DIR/downloads/manual.
+  config.data.manual_dir = ""
+  config.data.root = ""  # The folder dataset's ROOT (data.name='folder').
+  # The labeled images (datasets/subsets.py): a list file of ids, else a seeded sample of
+  # num_labeled images or of ceil(labeled_fraction x pool), else the whole train_split.
+  # synthetic_shapes takes the first num_labeled images instead (it is generated i.i.d.).
+  config.data.labeled_list = ""
+  config.data.num_labeled = 0
+  config.data.labeled_fraction = 0.0
+  config.data.split_seed = 0
+  config.data.train_split = "train"  # The pool the labeled images come from.
+  # PseudoSeg's unlabeled pool: this split (empty = train_split) minus the labeled images, or
+  # with them when unlabeled_includes_labeled (the original's VOC setting: the 10,582 train_aug
+  # images include the labeled ones).
   config.data.unlabeled_split = ""
+  config.data.unlabeled_includes_labeled = False
   config.data.eval_split = "validation"
   config.data.num_classes = 8  # synthetic_shapes: background + 7 shapes.
+  config.data.class_names = ()  # The folder dataset's names; empty = ROOT/classes.txt or numbers.
   config.data.ignore_label = 255
+  # A corrupt or inconsistent image or mask stops the run naming the file; True skips it, logged
+  # and counted, where a source checks its files (folder; VOC and COCO when they are prepared).
+  config.data.skip_bad_examples = False
   config.data.shuffle_buffer = 2_048
 
   config.model = ml_collections.ConfigDict()

@@ -13,3 +13,19 @@ jax.config.update("jax_num_cpu_devices", 4)
 import tensorflow as tf  # noqa: E402
 
 tf.config.set_visible_devices([], "GPU")
+
+import pathlib  # noqa: E402
+
+import pytest  # noqa: E402
+
+# The workplace's genuine samples (VOC, SBD format, COCO panoptic, split lists), next to the
+# repository: read from there, never copied into the project.
+SHARED_DATA_DIR = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data_dir() -> pathlib.Path:
+  if not SHARED_DATA_DIR.is_dir():
+    pytest.fail(f"The shared sample data is missing: expected {SHARED_DATA_DIR} (../shared/data "
+                "next to the repository).")
+  return SHARED_DATA_DIR

@@ -15,7 +15,7 @@ import tensorflow_datasets as tfds
 
 from pseudoseg_jax.writers import log
 
-SOURCES = ("synthetic_shapes", "synthetic_shapes/tiny")
+SOURCES = ("synthetic_shapes", "synthetic_shapes/tiny", "voc", "coco", "coco_voc", "folder")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,6 +29,9 @@ class Source:
   # image-level labels (weakly-labeled setting) and to monitor pseudo-label accuracy.
   unlabeled: tf.data.Dataset | None = None
   num_unlabeled: int = 0
+  # False when the unlabeled images come without masks (a user's folder): then there are no
+  # image-level labels for PseudoSeg's weakly-labeled setting and no pseudo-label accuracy.
+  unlabeled_has_masks: bool = True
 
 
 def _check_num_classes(config: ml_collections.ConfigDict, class_names: tuple) -> None:
@@ -71,6 +74,10 @@ def load_synthetic_shapes(config: ml_collections.ConfigDict) -> Source:
     if config.data[field] not in splits:
       raise ValueError(f"config.data.{field}={config.data[field]!r} is not a split of "
                        f"synthetic_shapes (splits: {', '.join(splits)}).")
+  if config.data.labeled_list or config.data.labeled_fraction:
+    raise ValueError("synthetic_shapes takes its labeled images as the first "
+                     "config.data.num_labeled of the train split; config.data.labeled_list and "
+                     "config.data.labeled_fraction are for real datasets.")
   unlabeled_split = config.data.unlabeled_split or config.data.train_split
   if unlabeled_split not in splits:
     raise ValueError(f"config.data.unlabeled_split={unlabeled_split!r} is not a split of "
@@ -78,6 +85,9 @@ def load_synthetic_shapes(config: ml_collections.ConfigDict) -> Source:
   pool_size = splits[config.data.train_split].num_examples
   labeled_split = _split_with_limit(config.data.train_split, config.data.num_labeled, pool_size,
                                     "synthetic_shapes")
+  if (unlabeled_split == config.data.train_split and config.data.num_labeled
+      and not config.data.unlabeled_includes_labeled):
+    unlabeled_split = f"{unlabeled_split}[{config.data.num_labeled}:]"
   return Source(
       labeled=builder.as_dataset(split=labeled_split, shuffle_files=False,
                                  read_config=_read_config()),
@@ -93,7 +103,20 @@ def load_synthetic_shapes(config: ml_collections.ConfigDict) -> Source:
 
 
 def load_source(config: ml_collections.ConfigDict) -> Source:
-  if config.data.name in SOURCES:
+  name = config.data.name
+  if name.startswith("synthetic_shapes") and name in SOURCES:
     return load_synthetic_shapes(config)
+  if name == "voc":
+    from pseudoseg_jax.data.datasets import voc
+    return voc.load_voc(config)
+  if name == "coco":
+    from pseudoseg_jax.data.datasets import coco
+    return coco.load_coco(config)
+  if name == "coco_voc":
+    from pseudoseg_jax.data.datasets import coco
+    return coco.load_coco_voc(config)
+  if name == "folder":
+    from pseudoseg_jax.data.datasets import folder
+    return folder.load_folder(config)
   raise ValueError(f"config.data.name={config.data.name!r} is not a known dataset; "
                    f"known: {', '.join(SOURCES)}.")

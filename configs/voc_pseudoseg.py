@@ -1,0 +1,31 @@
+"""PseudoSeg on PASCAL VOC 2012 + SBD, the paper's low-data setting (SPEC 7-8).
+
+  python -m pseudoseg_jax.main --config=configs/voc_pseudoseg.py:split=92 --workdir=workdirs/voc_92 \
+      --config.data.manual_dir=/path/to/manual --config.data.data_dir=/path/to/tfds
+
+Arguments after the colon: split=92|183|366|732|1464 (classic: N of the 1,464 train images;
+default 1464) or 1_16|1_8|1_4|1_2 (blended: that fraction of train_aug); labeled_list=PATH (a list
+of ids, e.g. the paper's 16_clean_3.txt for split=92, used instead of a seeded draw;
+config.data.split_seed picks the draw); weak_labels=true (the unlabeled train_aug images come with
+image-level labels); steps=N (default 30,000).
+Data: put VOCtrainval_11-May-2012.tar and SBD's benchmark.tgz (or SegmentationClassAug) in the manual
+dir; the first run prepares the dataset (pseudoseg_jax/data/datasets/voc.py).
+Hardware: the original used 16 GPUs (4 labeled + 4 unlabeled images each, crop 513); the global
+batch of 64 + 64 is split over whatever devices JAX sees (lower config.batch_size and
+config.pseudoseg.unlabeled_batch_size together on fewer accelerators). Not yet timed here: no VOC
+data and no accelerator on the development machine.
+Expected: the paper reports DeepLabv3+ Xception-65 from ImageNet weights (its Table 1). This config
+uses ResNet-101 (Xception-65 and loading ImageNet weights are open issues), so from scratch it
+will land far below; with ImageNet ResNet-101 weights, compare with the supervised baselines the
+PyTorch peer UniMatch reports for this protocol (ResNet-101, crop 321): 45.1 / 55.3 / 64.8 /
+69.7 / 73.5 mIoU for 92 / 183 / 366 / 732 / 1464 labels (configs/voc_supervised.py).
+"""
+
+from pseudoseg_jax import config as config_lib
+from pseudoseg_jax import recipes
+
+
+def get_config(arg: str | None = None):
+  args = config_lib.parse_args(arg, known=("split", "labeled_list", "weak_labels", "steps"),
+                               source="voc_pseudoseg.py")
+  return recipes.voc_config("pseudoseg", args)

@@ -1,0 +1,85 @@
+"""The published training recipes and labeled splits, shared by the configs in configs/.
+
+Config files stay short and declarative; what two of them would otherwise repeat (the VOC recipe,
+the meaning of `split=1_16`) lives here, once.
+"""
+
+from __future__ import annotations
+
+import fractions
+
+import ml_collections
+
+from pseudoseg_jax import config as config_lib
+
+# VOC split names: a count of the 1,464 finely labeled images ("classic", the PseudoSeg paper's
+# protocol) or a fraction of the 10,582 train_aug images ("blended", the later peers' protocol).
+VOC_CLASSIC_SPLITS = ("92", "183", "366", "732", "1464")
+VOC_BLENDED_SPLITS = ("1_16", "1_8", "1_4", "1_2")
+COCO_SPLITS = ("1_512", "1_256", "1_128", "1_64", "1_32")
+
+
+def parse_fraction(name: str) -> float:
+  """'1_16' -> 1/16."""
+  numerator, _, denominator = name.partition("_")
+  return float(fractions.Fraction(int(numerator), int(denominator)))
+
+
+def paper_recipe(config: ml_collections.ConfigDict) -> None:
+  """SPEC 7: SGD momentum 0.9, lr 0.007 poly 0.9, weight decay 4e-5, crop 513, 64 + 64 images,
+  output stride 16, ASPP 6/12/18; ResNet-101 (the peers' backbone; the paper's Xception-65 is
+  not implemented yet)."""
+  config.optimizer.name = "sgd"
+  config.optimizer.learning_rate = 0.007
+  config.optimizer.momentum = 0.9
+  config.optimizer.poly_power = 0.9
+  config.optimizer.weight_decay = 4e-5
+  config.crop_size = 513
+  config.eval_crop_size = 513
+  config.scales = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0)
+  config.batch_size = 64
+  config.pseudoseg.unlabeled_batch_size = 64
+  config.pseudoseg.cutout_size = 100
+  config.model.backbone = "resnet101"
+  config.model.output_stride = 16
+  config.model.aspp_rates = (6, 12, 18)
+
+
+def voc_data(config: ml_collections.ConfigDict, split: str, labeled_list: str = "") -> None:
+  """PASCAL VOC 2012 + SBD with the labeled images of `split` (module docstring).
+
+  Classic splits draw N of the 1,464 train images (or read `labeled_list`, e.g. the paper's
+  16_clean_3.txt), and keep the labeled images in the unlabeled train_aug pool as the original
+  does. Blended splits draw a fraction of train_aug and leave them out of the unlabeled pool as the
+  PyTorch peers do.
+  """
+  config.data.name = "voc"
+  config.data.num_classes = 21
+  config.data.eval_split = "val"
+  config.data.unlabeled_split = "train_aug"
+  config.data.labeled_list = labeled_list
+  if split in VOC_CLASSIC_SPLITS:
+    config.data.train_split = "train"
+    config.data.num_labeled = 0 if labeled_list or split == "1464" else int(split)
+    config.data.labeled_fraction = 0.0
+    config.data.unlabeled_includes_labeled = True
+  elif split in VOC_BLENDED_SPLITS:
+    config.data.train_split = "train_aug"
+    config.data.num_labeled = 0
+    config.data.labeled_fraction = 0.0 if labeled_list else parse_fraction(split)
+    config.data.unlabeled_includes_labeled = False
+  else:
+    raise ValueError(f"Unknown VOC split {split!r}; known: "
+                     f"{', '.join(VOC_CLASSIC_SPLITS + VOC_BLENDED_SPLITS)}.")
+
+
+def voc_config(method: str, args: dict) -> ml_collections.ConfigDict:
+  """configs/voc_{supervised,pseudoseg}.py: the paper's recipe on the VOC split of `args`."""
+  config = config_lib.base_config()
+  config.method = method
+  config.total_steps = int(args.get("steps", 30_000))
+  paper_recipe(config)
+  voc_data(config, args.get("split", "1464"), args.get("labeled_list", ""))
+  config.pseudoseg.weak_labels = config_lib.parse_bool(args.get("weak_labels", "false"),
+                                                       "weak_labels")
+  return config
