@@ -85,7 +85,7 @@ def write_sbd_mat(path, mask):
 
 
 def prepare(root, data_dir, **kwargs):
-  builder = voc.Voc(data_dir=str(data_dir), **kwargs)
+  builder = voc.VocAug(data_dir=str(data_dir), **kwargs)
   builder.download_and_prepare(
       download_config=tfds.download.DownloadConfig(manual_dir=str(root)))
   return builder
@@ -211,7 +211,7 @@ def test_skip_bad_examples_skips_and_keeps_the_rest(shared_data_dir, tmp_path):
 
 
 def _data_dir(builder):
-  return os.path.dirname(os.path.dirname(builder.data_dir))  # DATA_DIR/voc/1.0.0
+  return os.path.dirname(os.path.dirname(builder.data_dir))  # DATA_DIR/voc_aug/1.0.0
 
 
 def _voc_config(data_dir, **data_fields):
@@ -268,3 +268,9 @@ def test_pseudoseg_trains_on_voc_with_image_level_labels(voc_builder, tmp_path):
   results = train.run(config, str(tmp_path / "work"))
   assert results["step"] == 2 and len(results["val/iou_per_class"]) == 21
   assert results["class_names"][20] == "tvmonitor"
+
+
+def test_builder_name_does_not_clash_with_tfds_voc(tmp_path):
+  # TFDS's detection 'voc' is registered when its object_detection package loads (COCO does that).
+  assert voc.VocAug.name == "voc_aug"
+  assert tfds.builder("coco/2017_panoptic", data_dir=str(tmp_path)).name == "coco"

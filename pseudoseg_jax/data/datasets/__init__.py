@@ -103,6 +103,16 @@ def load_synthetic_shapes(config: ml_collections.ConfigDict) -> Source:
 
 
 def load_source(config: ml_collections.ConfigDict) -> Source:
+  source = _load_by_name(config)
+  if (config.method == "pseudoseg" and config.pseudoseg.weak_labels
+      and not source.unlabeled_has_masks):
+    raise ValueError(
+        f"config.pseudoseg.weak_labels=True needs image-level labels for the unlabeled images, "
+        f"but the unlabeled images of '{config.data.name}' come without masks to read them from.")
+  return source
+
+
+def _load_by_name(config: ml_collections.ConfigDict) -> Source:
   name = config.data.name
   if name.startswith("synthetic_shapes") and name in SOURCES:
     return load_synthetic_shapes(config)

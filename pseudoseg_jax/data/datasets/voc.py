@@ -10,7 +10,7 @@ never through RGB (label_files.py). Every image and mask is checked when the dat
 a corrupt file, a size mismatch or a value outside 0-20/255 stops the preparation naming the file,
 or, with skip_bad_examples=True, is skipped, logged and counted.
 
-    builder = voc.Voc(data_dir=DATA_DIR)
+    builder = voc.VocAug(data_dir=DATA_DIR)
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(manual_dir=MANUAL_DIR))  # ~10 min, once
     ds = builder.as_dataset(split="train_aug")
@@ -189,8 +189,12 @@ def read_example(example: ExampleFiles) -> dict:
 
 
 # ---------------------------------------------------------------- the builder
-class Voc(tfds.core.GeneratorBasedBuilder):
-  """PASCAL VOC 2012 + SBD (train_aug); see the module docstring."""
+class VocAug(tfds.core.GeneratorBasedBuilder):
+  """PASCAL VOC 2012 + SBD (train_aug); see the module docstring.
+
+  Registered as 'voc_aug': TFDS's own 'voc' (detection boxes, no masks) keeps its name, and
+  both can be loaded in one process.
+  """
 
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "train (1,464), val (1,449), train_aug (10,582); ids; index masks."}
@@ -226,9 +230,9 @@ class Voc(tfds.core.GeneratorBasedBuilder):
 
 
 # ---------------------------------------------------------------- what training reads
-def prepared_builder(config: ml_collections.ConfigDict) -> Voc:
+def prepared_builder(config: ml_collections.ConfigDict) -> VocAug:
   """The builder, prepared from config.data.manual_dir on first use."""
-  builder = Voc(data_dir=config.data.data_dir or None,
+  builder = VocAug(data_dir=config.data.data_dir or None,
                 skip_bad_examples=config.data.skip_bad_examples)
   if not builder.is_prepared():
     download_config = tfds.download.DownloadConfig(manual_dir=config.data.manual_dir or None)
