@@ -92,6 +92,15 @@ def training_batches(config: ml_collections.ConfigDict, source: datasets.Source,
           for labeled_batch, unlabeled_batch in zip(labeled, unlabeled))
 
 
+def without_unmeasured(metrics: dict, source: datasets.Source) -> dict:
+  """Drops the pseudo-label accuracies when the unlabeled images have no masks to measure them
+  against (a user's folder): they would read 0, not "unknown"."""
+  if source.unlabeled_has_masks:
+    return metrics
+  return {name: value for name, value in metrics.items()
+          if not (name.startswith("pseudo/") and name.endswith("accuracy"))}
+
+
 def pseudo_label_grid(maps: dict, unlabeled: dict, num_classes: int,
                       max_images: int = 4) -> np.ndarray:
   """One uint8 image: a row per unlabeled image; columns weak view, strong view, CAM, SGC, pseudo
@@ -181,8 +190,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if step == start_step + 1:
       progress.restart_clock(step)  # Keep compile time out of steps/s.
     if step % config.log_every == 0 or step == config.total_steps:
-      averaged = {k: float(np.mean([m[k] for m in jax.device_get(pending_metrics)]))
-                  for k in pending_metrics[0]}
+      averaged = without_unmeasured(
+          {k: float(np.mean([m[k] for m in jax.device_get(pending_metrics)]))
+           for k in pending_metrics[0]}, source)
       pending_metrics = []
       averaged["train/steps_per_second"] = progress.report(step, averaged)
       writer.write(step, averaged)
