@@ -56,8 +56,15 @@ def base_config() -> ml_collections.ConfigDict:
   config.data.shuffle_buffer = 2_048
 
   config.model = ml_collections.ConfigDict()
-  config.model.backbone = "resnet50"
+  config.model.backbone = "resnet50"  # resnet50 | resnet101 | resnet_tiny | xception65.
   config.model.deep_stem = False
+  # ResNet block layout: "torchvision" (stride on the 3x3 conv, no conv biases: torchvision and
+  # timm weights) or "keras" (Keras applications' v1: stride on the first 1x1 conv, conv biases).
+  config.model.resnet_variant = "torchvision"
+  # Pretrained backbone weights loaded at step 0 (pseudoseg_jax/convert): .safetensors/.pth
+  # (torchvision, timm), Keras .h5, a DeepLab TF checkpoint (Xception-65), or an .npz written by
+  # `python -m pseudoseg_jax.convert`. Empty = random init. The heads always start fresh.
+  config.model.init_from = ""
   config.model.output_stride = 16
   config.model.aspp_rates = (6, 12, 18)
   config.model.aspp_channels = 256
@@ -217,17 +224,21 @@ def min_crop_size(output_stride: int) -> int:
 
 # Fields that decide the structure of the train state (parameters and optimizer slots): a checkpoint
 # is only valid for the same values.
-MODEL_IDENTITY_FIELDS = ("model.backbone", "model.deep_stem", "model.aspp_channels",
+MODEL_IDENTITY_FIELDS = ("model.backbone", "model.deep_stem", "model.resnet_variant",
+                         "model.aspp_channels",
                          "model.decoder_channels", "model.low_level_channels",
                          "model.sgc_attention_dim", "data.num_classes", "optimizer.name")
 
 
 def model_identity(config_dict: dict) -> dict:
   """The values of MODEL_IDENTITY_FIELDS in a (possibly JSON-loaded) config dict."""
+  defaults = base_config().to_dict()
   identity = {}
   for name in MODEL_IDENTITY_FIELDS:
-    value = config_dict
+    value, default = config_dict, defaults
     for part in name.split("."):
       value = value.get(part) if isinstance(value, dict) else None
-    identity[name] = value
+      default = default[part]
+    # A field added after the run was written had its default then.
+    identity[name] = default if value is None else value
   return identity

@@ -17,6 +17,9 @@ __all__ = ["DeepLabV3Plus", "ResNet", "build_model", "feature_size", "resize_bil
            "validate_model_config"]
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+XCEPTION_BACKBONES = ("xception65",)
+BACKBONES = tuple(RESNET_SPECS) + XCEPTION_BACKBONES
+RESNET_VARIANTS = ("torchvision", "keras")
 OUTPUT_STRIDES = (8, 16)
 
 
@@ -31,7 +34,7 @@ def _require(condition: bool, field: str, requirement: str, value) -> None:
 
 def validate_model_config(model_config) -> None:
   """Raises ValueError naming the first missing or bad field of `model_config`."""
-  fields = ("backbone", "deep_stem", "output_stride", "aspp_rates", "aspp_channels",
+  fields = ("backbone", "deep_stem", "resnet_variant", "output_stride", "aspp_rates", "aspp_channels",
             "decoder_channels", "low_level_channels", "sgc_attention_dim", "aspp_dropout",
             "cls_dropout", "bn_momentum", "bn_epsilon", "dtype")
   missing = object()
@@ -40,7 +43,9 @@ def validate_model_config(model_config) -> None:
     if value is missing:
       raise ValueError(f"model.{field} is missing from the model config.")
   backbone = values["backbone"]
-  _require(backbone in RESNET_SPECS, "backbone", f"one of {tuple(RESNET_SPECS)}", backbone)
+  _require(backbone in BACKBONES, "backbone", f"one of {BACKBONES}", backbone)
+  _require(values["resnet_variant"] in RESNET_VARIANTS, "resnet_variant",
+           f"one of {RESNET_VARIANTS}", values["resnet_variant"])
   _require(isinstance(values["deep_stem"], bool), "deep_stem", "a bool", values["deep_stem"])
   _require(values["output_stride"] in OUTPUT_STRIDES and _is_int(values["output_stride"]),
            "output_stride", "8 or 16", values["output_stride"])
@@ -72,8 +77,14 @@ def build_model(model_config, num_classes: int, *, rngs: nnx.Rngs) -> DeepLabV3P
   norm = NormConfig(momentum=float(model_config.bn_momentum),
                     epsilon=float(model_config.bn_epsilon))
   dtype = DTYPES[model_config.dtype]
-  backbone = ResNet(RESNET_SPECS[model_config.backbone], deep_stem=model_config.deep_stem,
-                    output_stride=model_config.output_stride, norm=norm, dtype=dtype, rngs=rngs)
+  if model_config.backbone in XCEPTION_BACKBONES:
+    from pseudoseg_jax.models.xception import Xception65
+    backbone = Xception65(output_stride=model_config.output_stride, norm=norm, dtype=dtype,
+                          rngs=rngs)
+  else:
+    backbone = ResNet(RESNET_SPECS[model_config.backbone], deep_stem=model_config.deep_stem,
+                      variant=model_config.resnet_variant,
+                      output_stride=model_config.output_stride, norm=norm, dtype=dtype, rngs=rngs)
   return DeepLabV3Plus(
       backbone, num_classes, aspp_rates=tuple(model_config.aspp_rates),
       aspp_channels=model_config.aspp_channels, decoder_channels=model_config.decoder_channels,

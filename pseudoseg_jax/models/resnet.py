@@ -155,9 +155,11 @@ class ResNet(nnx.Module):
   stride-2 op maps n -> ceil(n / 2): a 513 crop gives 129 (stride4), 65, 33, 33 at OS 16.
   """
 
-  def __init__(self, spec: ResNetSpec, *, deep_stem: bool = False, output_stride: int = 16,
-               norm: NormConfig = NormConfig(), dtype=None, param_dtype=jnp.float32,
-               rngs: nnx.Rngs):
+  def __init__(self, spec: ResNetSpec, *, deep_stem: bool = False, variant: str = "torchvision",
+               output_stride: int = 16, norm: NormConfig = NormConfig(), dtype=None,
+               param_dtype=jnp.float32, rngs: nnx.Rngs):
+    if variant != "torchvision":
+      raise NotImplementedError(f"ResNet variant {variant!r} is not implemented yet.")
     layer = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.deep_stem = deep_stem
     stem = spec.stem_channels

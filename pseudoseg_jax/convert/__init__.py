@@ -1,0 +1,122 @@
+"""Pretrained backbone weights: other frameworks' files -> our backbone, loaded exactly or not at all.
+
+Every converter returns BackboneWeights: a flat {name: numpy array} whose names are our backbone's
+variable paths inside `model.backbone`, joined by '/', list indices as numbers:
+  'conv1/kernel' (HWIO), 'layer1/0/conv2/kernel', 'layer1/0/downsample/bn/scale', 'bn1/mean' ...
+Leaves: conv 'kernel' and 'bias'; BatchNorm 'scale' and 'bias' (parameters), 'mean' and 'var'
+(batch statistics). `load_backbone` then requires the converted set to equal the model's: a missing,
+unexpected or wrongly shaped tensor stops with every offending name listed (PyTorch peers'
+strict=False silently trains half-random backbones). The heads are never touched.
+
+Formats (`read_weights` tells them apart by name and content):
+  .safetensors                       torchvision or timm ResNet state dicts (no torch needed)
+  .pth / .pt / .bin                  the same through torch.load(weights_only=True), if torch exists
+  .h5                                Keras applications ResNet50 / ResNet101
+  a TF checkpoint prefix (.index)    DeepLab's Xception-65
+  .npz                               our own, written by `python -m pseudoseg_jax.convert`
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Mapping
+
+import numpy as np
+
+BackboneWeights = dict  # str -> np.ndarray
+NPZ_SUFFIX = ".npz"
+
+
+def flatten(tree: Mapping, prefix: str = "") -> dict:
+  """{'layer1': {0: {'conv1': {'kernel': x}}}} -> {'layer1/0/conv1/kernel': x}."""
+  flat = {}
+  for key, value in tree.items():
+    name = f"{prefix}{key}"
+    if isinstance(value, Mapping):
+      flat.update(flatten(value, name + "/"))
+    else:
+      flat[name] = value
+  return flat
+
+
+def _unflatten_into(tree: Mapping, flat: Mapping, prefix: str = "") -> dict:
+  """A copy of `tree` with every leaf replaced by flat['path/to/leaf'] (same key types)."""
+  return {key: (_unflatten_into(value, flat, f"{prefix}{key}/") if isinstance(value, Mapping)
+                else flat[f"{prefix}{key}"])
+          for key, value in tree.items()}
+
+
+def expected_shapes(params_backbone: Mapping, stats_backbone: Mapping) -> dict:
+  """Name -> shape of every backbone parameter and batch statistic."""
+  flat = {**flatten(params_backbone), **flatten(stats_backbone)}
+  return {name: tuple(np.shape(value)) for name, value in flat.items()}
+
+
+def mapping_errors(weights: Mapping, shapes: Mapping) -> list[str]:
+  """Human-readable lines for every missing, unexpected and mis-shaped tensor; empty = exact."""
+  missing = sorted(set(shapes) - set(weights))
+  unexpected = sorted(set(weights) - set(shapes))
+  mismatched = sorted(name for name in set(shapes) & set(weights)
+                      if tuple(np.shape(weights[name])) != shapes[name])
+  lines = []
+  if missing:
+    lines.append(f"missing ({len(missing)}): {', '.join(missing)}")
+  if unexpected:
+    lines.append(f"unexpected ({len(unexpected)}): {', '.join(unexpected)}")
+  for name in mismatched:
+    lines.append(f"shape mismatch: {name}: file {tuple(np.shape(weights[name]))}, "
+                 f"model {shapes[name]}")
+  return lines
+
+
+def load_backbone(params: Mapping, batch_stats: Mapping, weights: Mapping, *,
+                  source: str) -> tuple[dict, dict]:
+  """(params, batch_stats) with the backbone replaced by `weights`; raises unless they map 1:1."""
+  shapes = expected_shapes(params["backbone"], batch_stats["backbone"])
+  errors = mapping_errors(weights, shapes)
+  if errors:
+    raise ValueError(f"The weights in {source} do not match the model's backbone "
+                     f"({len(shapes)} tensors); nothing was loaded:\n  " + "\n  ".join(errors))
+  as_model_dtype = {name: np.asarray(weights[name], dtype=np.asarray(value).dtype)
+                    for name, value in {**flatten(params["backbone"]),
+                                        **flatten(batch_stats["backbone"])}.items()}
+  return ({**params, "backbone": _unflatten_into(params["backbone"], as_model_dtype)},
+          {**batch_stats, "backbone": _unflatten_into(batch_stats["backbone"], as_model_dtype)})
+
+
+def save_npz(path: str, weights: Mapping) -> None:
+  """Our own format: one array per name; written then renamed, so no half file is left."""
+  temporary = path + ".tmp.npz"
+  np.savez(temporary, **{name: np.asarray(value) for name, value in weights.items()})
+  os.replace(temporary, path)
+
+
+def read_npz(path: str) -> BackboneWeights:
+  with np.load(path, allow_pickle=False) as archive:
+    return {name: archive[name] for name in archive.files}
+
+
+def is_tf_checkpoint(path: str) -> bool:
+  return os.path.exists(path + ".index") or (path.endswith(".index") and os.path.exists(path))
+
+
+def read_weights(path: str, model_config) -> BackboneWeights:
+  """The backbone weights in `path`, converted for the backbone `model_config` describes."""
+  if not (os.path.exists(path) or is_tf_checkpoint(path)):
+    raise FileNotFoundError(f"config.model.init_from={path!r} does not exist.")
+  lower = path.lower()
+  if lower.endswith(NPZ_SUFFIX):
+    return read_npz(path)
+  if lower.endswith((".safetensors", ".pth", ".pt", ".bin")):
+    from pseudoseg_jax.convert import torch_resnet
+    return torch_resnet.read_torch_resnet(path, model_config)
+  if lower.endswith((".h5", ".hdf5", ".keras")):
+    from pseudoseg_jax.convert import keras_resnet
+    return keras_resnet.read_keras_resnet(path, model_config)
+  if is_tf_checkpoint(path):
+    from pseudoseg_jax.convert import deeplab_xception
+    return deeplab_xception.read_deeplab_xception(path.removesuffix(".index"), model_config)
+  raise ValueError(
+      f"config.model.init_from={path!r}: unknown format. Expected .safetensors, .pth/.pt/.bin "
+      f"(torchvision, timm), .h5 (Keras), a TF checkpoint prefix (DeepLab Xception-65) or .npz "
+      f"(python -m pseudoseg_jax.convert).")
