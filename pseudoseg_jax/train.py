@@ -15,7 +15,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from pseudoseg_jax import checkpointing, evaluation, sharding, steps, visualize, writers
+from pseudoseg_jax import checkpointing, convert, evaluation, sharding, steps, visualize, writers
 from pseudoseg_jax import config as config_lib
 from pseudoseg_jax.data import datasets, pipeline
 from pseudoseg_jax.writers import log
@@ -92,6 +92,21 @@ def training_batches(config: ml_collections.ConfigDict, source: datasets.Source,
           for labeled_batch, unlabeled_batch in zip(labeled, unlabeled))
 
 
+def with_pretrained_backbone(state: steps.TrainState, tx,
+                             model_config: ml_collections.ConfigDict) -> steps.TrainState:
+  """A fresh state whose backbone holds the weights of model_config.init_from, all or nothing.
+
+  Only at step 0: a resumed run has its own weights, and need not find the file again.
+  """
+  weights = convert.read_weights(model_config.init_from, model_config)
+  params, batch_stats = convert.load_backbone(
+      jax.device_get(state.params), jax.device_get(state.batch_stats), weights,
+      source=model_config.init_from)
+  log.info("Backbone initialized from %s (%d tensors); heads initialized at random.",
+           model_config.init_from, len(weights))
+  return state.replace(params=params, batch_stats=batch_stats, opt_state=tx.init(params))
+
+
 def without_unmeasured(metrics: dict, source: datasets.Source) -> dict:
   """Drops the pseudo-label accuracies when the unlabeled images have no masks to measure them
   against (a user's folder): they would read 0, not "unknown"."""
@@ -142,6 +157,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     state = restored
     log.info("Resumed from %s at step %d.", checkpointing.checkpoint_dir(workdir),
              int(state.step))
+  elif config.model.init_from:
+    state = jax.device_put(with_pretrained_backbone(state, tx, config.model),
+                           sharding.replicated(mesh))
   start_step = int(state.step)
   if is_writer:
     write_json(os.path.join(workdir, CONFIG_FILE), config.to_dict())

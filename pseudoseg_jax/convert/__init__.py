@@ -49,7 +49,8 @@ def _unflatten_into(tree: Mapping, flat: Mapping, prefix: str = "") -> dict:
 def expected_shapes(params_backbone: Mapping, stats_backbone: Mapping) -> dict:
   """Name -> shape of every backbone parameter and batch statistic."""
   flat = {**flatten(params_backbone), **flatten(stats_backbone)}
-  return {name: tuple(np.shape(value)) for name, value in flat.items()}
+  # Abstract values (jax.ShapeDtypeStruct, from nnx.eval_shape) have a shape but no data.
+  return {name: tuple(getattr(value, "shape", np.shape(value))) for name, value in flat.items()}
 
 
 def mapping_errors(weights: Mapping, shapes: Mapping) -> list[str]:
