@@ -52,11 +52,13 @@ def init_model(config: ml_collections.ConfigDict, seed: int):
 def weight_decay_mask(params: dict) -> dict:
   """True for conv/linear kernels (DeepLab's L2 regularizer), False for biases and norm params.
 
-  The SGC head's projections are excluded as in the original (SPEC section 5).
+  The SGC head's projections are excluded as in the original (SPEC section 5), and so are
+  Xception's depthwise kernels, which DeepLab leaves unregularized.
   """
   def is_decayed(path, _):
     names = [str(getattr(entry, "key", entry)) for entry in path]
-    return names[-1] == "kernel" and "sgc" not in names
+    is_depthwise = any(name.endswith("_depthwise") for name in names)
+    return names[-1] == "kernel" and "sgc" not in names and not is_depthwise
   return jax.tree_util.tree_map_with_path(is_decayed, params)
 
 

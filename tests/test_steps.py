@@ -93,6 +93,17 @@ def test_weight_decay_applies_to_kernels_only(setup):
     assert decayed == path.endswith("['kernel']"), path
 
 
+def test_xception_depthwise_kernels_are_not_decayed():
+  # DeepLab regularizes Xception's pointwise kernels but not its depthwise ones.
+  unit = {"separable_conv1_depthwise": {"conv": {"kernel": 1.0}, "bn": {"scale": 1.0}},
+          "separable_conv1_pointwise": {"conv": {"kernel": 1.0}, "bn": {"scale": 1.0}}}
+  mask = steps.weight_decay_mask({"backbone": {"entry_flow": {"block1": {"unit_1": unit}}}})
+  decayed = mask["backbone"]["entry_flow"]["block1"]["unit_1"]
+  assert decayed["separable_conv1_pointwise"]["conv"]["kernel"] is True
+  assert decayed["separable_conv1_depthwise"]["conv"]["kernel"] is False
+  assert decayed["separable_conv1_pointwise"]["bn"]["scale"] is False
+
+
 def test_checkpoint_round_trip_restores_every_array(setup, tmp_path):
   config, graphdef, tx, state = setup
   step_fn = jax.jit(functools.partial(steps.train_step, graphdef=graphdef, tx=tx, config=config))
