@@ -1,6 +1,7 @@
-"""ResNet-50/101 backbones (torchvision layout) and a tiny ResNet for tests and CPU demos (NNX).
+"""ResNet-50/101 backbones (torchvision or Keras layout), a tiny ResNet for tests and demos (NNX).
 
-Layout follows torchvision so that its weights load with identical activations:
+The default layout ("torchvision") follows torchvision so that its weights load with identical
+activations:
   - stem: 7x7/2 conv + BN + ReLU, or the "deep stem" of the PyTorch peers (UniMatch, CPS, U2PL):
     3x3/2 conv 64 + BN + ReLU, 3x3 conv 64 + BN + ReLU, 3x3 conv 128, then BN + ReLU;
     then 3x3/2 max pool.
@@ -10,10 +11,21 @@ Layout follows torchvision so that its weights load with identical activations:
   - explicit symmetric padding dilation * (k - 1) // 2 (PyTorch), never 'SAME': for even inputs
     'SAME' pads bottom/right only and shifts every feature by half a pixel relative to torchvision.
 
-Parameter names mirror torchvision: conv1, bn1, layer1[0].conv1/bn1/conv2/bn2/conv3/bn3,
-layer1[0].downsample.conv/.bn (torchvision: downsample.0/.1). Deep stem (UniMatch names in
-brackets): stem_conv1 [conv1.0], stem_bn1 [conv1.1], stem_conv2 [conv1.3], stem_bn2 [conv1.4],
-stem_conv3 [conv1.6], then bn1 [bn1]. There is no ImageNet fc layer.
+The "keras" variant is Keras applications' ResNet v1 (keras.applications.ResNet50/101), so that
+its ImageNet .h5 loads with identical activations (see `VARIANTS`): the stride sits on the FIRST 1x1
+conv of a block (and on the projection), every conv has a bias, and BN uses epsilon 1.001e-5 (set
+through config.model.bn_epsilon; the converter checks it). Keras's explicit ZeroPadding2D(3) before
+the 'valid' 7x7/2 stem conv and its 'same' 3x3 stride-1 convs are the same symmetric padding as
+ours; its ZeroPadding2D(1) + 'valid' 3x3/2 max pool equals our -inf padded pool because the pool
+follows a ReLU (inputs >= 0). A stage dilated for output stride 16 / 8 gives its 1x1 stride 1 and
+its 3x3 the dilation, by the same rule. There is no Keras deep stem.
+
+Parameter names mirror torchvision; the Keras variant uses the same ones plus each conv's 'bias':
+conv1, bn1, layer1[0].conv1/bn1/conv2/bn2/conv3/bn3, layer1[0].downsample.conv/.bn (torchvision:
+downsample.0/.1; Keras: conv2_block1_1_conv ... conv2_block1_0_conv, see convert/keras_resnet.py).
+Deep stem (UniMatch names in brackets): stem_conv1 [conv1.0], stem_bn1 [conv1.1],
+stem_conv2 [conv1.3], stem_bn2 [conv1.4], stem_conv3 [conv1.6], then bn1 [bn1]. There is no
+ImageNet fc layer.
 """
 
 from __future__ import annotations
@@ -45,6 +57,19 @@ RESNET_SPECS = {
     "resnet_tiny": ResNetSpec((1, 1, 1, 1), 16, (16, 32, 64, 128)),
 }
 EXPANSION = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+  """Where a bottleneck puts its stride, and whether convs carry biases."""
+  stride_on_first_1x1: bool  # False: on the 3x3 (v1.5, torchvision); True: on the first 1x1 (v1).
+  conv_bias: bool
+
+
+VARIANTS = {
+    "torchvision": Variant(stride_on_first_1x1=False, conv_bias=False),
+    "keras": Variant(stride_on_first_1x1=True, conv_bias=True),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,20 +125,24 @@ def batch_norm(features: int, norm: NormConfig, *, dtype=None, param_dtype=jnp.f
 
 
 def max_pool_3x3_stride2(x: jax.Array) -> jax.Array:
-  """nn.MaxPool2d(3, stride=2, padding=1): padding is -inf, so it never wins the max."""
+  """nn.MaxPool2d(3, stride=2, padding=1): padding is -inf, so it never wins the max.
+
+  Keras pads with zeros instead (ZeroPadding2D(1), then a 'valid' pool): the same result here,
+  because the pool follows a ReLU (inputs >= 0) and every window holds at least one real pixel.
+  """
   return jax.lax.reduce_window(x, -jnp.inf if jnp.issubdtype(x.dtype, jnp.floating) else
                                jnp.iinfo(x.dtype).min, jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1),
                                ((0, 0), (1, 1), (1, 1), (0, 0)))
 
 
 class ConvBN(nnx.Module):
-  """Conv (no bias) + BatchNorm, optionally ReLU; also the projection shortcut."""
+  """Conv + BatchNorm, optionally ReLU; also the projection shortcut."""
 
   def __init__(self, in_features: int, out_features: int, kernel_size: int, *, stride: int = 1,
-               dilation: int = 1, norm: NormConfig, dtype=None, param_dtype=jnp.float32,
-               rngs: nnx.Rngs):
+               dilation: int = 1, use_bias: bool = False, norm: NormConfig, dtype=None,
+               param_dtype=jnp.float32, rngs: nnx.Rngs):
     self.conv = conv2d(in_features, out_features, kernel_size, stride=stride, dilation=dilation,
-                       dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                       use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.bn = batch_norm(out_features, norm, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array, *, train: bool, relu: bool = True) -> jax.Array:
@@ -122,18 +151,22 @@ class ConvBN(nnx.Module):
 
 
 class Bottleneck(nnx.Module):
-  """1x1 -> 3x3 (stride, dilation) -> 1x1 (x4), residual add, ReLU. torchvision's Bottleneck."""
+  """1x1 -> 3x3 (dilation) -> 1x1 (x4), residual add, ReLU; the stride on the 3x3 (torchvision's
+  Bottleneck) or on the first 1x1 (Keras's residual_block_v1), as `variant` says."""
 
   def __init__(self, in_features: int, width: int, *, stride: int, dilation: int,
-               norm: NormConfig, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+               variant: Variant = VARIANTS["torchvision"], norm: NormConfig, dtype=None,
+               param_dtype=jnp.float32, rngs: nnx.Rngs):
     out_features = width * EXPANSION
-    layer = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.conv1 = conv2d(in_features, width, 1, **layer)
-    self.bn1 = batch_norm(width, norm, **layer)
-    self.conv2 = conv2d(width, width, 3, stride=stride, dilation=dilation, **layer)
-    self.bn2 = batch_norm(width, norm, **layer)
+    norm_layer = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    layer = dict(use_bias=variant.conv_bias, **norm_layer)
+    stride_1x1, stride_3x3 = (stride, 1) if variant.stride_on_first_1x1 else (1, stride)
+    self.conv1 = conv2d(in_features, width, 1, stride=stride_1x1, **layer)
+    self.bn1 = batch_norm(width, norm, **norm_layer)
+    self.conv2 = conv2d(width, width, 3, stride=stride_3x3, dilation=dilation, **layer)
+    self.bn2 = batch_norm(width, norm, **norm_layer)
     self.conv3 = conv2d(width, out_features, 1, **layer)
-    self.bn3 = batch_norm(out_features, norm, **layer)
+    self.bn3 = batch_norm(out_features, norm, **norm_layer)
     needs_projection = stride != 1 or in_features != out_features
     self.downsample = (ConvBN(in_features, out_features, 1, stride=stride, norm=norm, **layer)
                        if needs_projection else None)
@@ -158,8 +191,12 @@ class ResNet(nnx.Module):
   def __init__(self, spec: ResNetSpec, *, deep_stem: bool = False, variant: str = "torchvision",
                output_stride: int = 16, norm: NormConfig = NormConfig(), dtype=None,
                param_dtype=jnp.float32, rngs: nnx.Rngs):
-    if variant != "torchvision":
-      raise NotImplementedError(f"ResNet variant {variant!r} is not implemented yet.")
+    if variant not in VARIANTS:
+      raise ValueError(f"ResNet variant must be one of {tuple(VARIANTS)}, got {variant!r}.")
+    if deep_stem and variant == "keras":
+      raise ValueError("Keras applications' ResNets have no deep stem: set "
+                       "config.model.deep_stem=False with config.model.resnet_variant=keras.")
+    block_variant = VARIANTS[variant]
     layer = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.deep_stem = deep_stem
     stem = spec.stem_channels
@@ -172,7 +209,7 @@ class ResNet(nnx.Module):
       self.stem_conv3 = conv2d(stem, stem_out, 3, **layer)
     else:
       stem_out = stem
-      self.conv1 = conv2d(3, stem_out, 7, stride=2, **layer)
+      self.conv1 = conv2d(3, stem_out, 7, stride=2, use_bias=block_variant.conv_bias, **layer)
     self.bn1 = batch_norm(stem_out, norm, **layer)
 
     in_features = stem_out
@@ -183,7 +220,7 @@ class ResNet(nnx.Module):
         blocks.append(Bottleneck(
             in_features, width, stride=stage.stride if block == 0 else 1,
             dilation=stage.first_block_dilation if block == 0 else stage.dilation,
-            norm=norm, **layer))
+            variant=block_variant, norm=norm, **layer))
         in_features = width * EXPANSION
       setattr(self, f"layer{index}", nnx.List(blocks))
     self.out_features = {"stride4": spec.bottleneck_widths[0] * EXPANSION,
