@@ -19,6 +19,8 @@ INSTALL_REQUIRES = [
     "numpy>=1.26,<3",
     "pillow>=10,<14",  # Masks read as palette/grayscale class indices (TF would expand palettes).
     "scipy>=1.11,<2",  # SBD's .mat masks.
+    "safetensors>=0.4.5,<0.9",  # Pretrained torchvision/timm weights without torch.
+    "h5py>=3.11,<3.15",  # Keras .h5 weights (tensorflow-cpu 2.21 pins the same range).
 ]
 
 setup(
