@@ -21,6 +21,7 @@ INSTALL_REQUIRES = [
     "scipy>=1.11,<2",  # SBD's .mat masks.
     "safetensors>=0.4.5,<0.9",  # Pretrained torchvision/timm weights without torch.
     "h5py>=3.11,<3.15",  # Keras .h5 weights (tensorflow-cpu 2.21 pins the same range).
+    "matplotlib>=3.8,<4",  # Confusion-matrix images and learning curves (Agg canvas, no display).
 ]
 
 setup(
@@ -33,7 +34,9 @@ setup(
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
     extras_require={
-        "test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4"],
+        "test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4",
+                 # Executing launch/colab.ipynb headlessly.
+                 "nbclient>=0.10,<0.11", "nbformat>=5.10,<6", "ipykernel>=6.29,<8"],
     },
     entry_points={"console_scripts": ["pseudoseg-train=pseudoseg_jax.main:run"]},
 )

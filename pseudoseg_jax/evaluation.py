@@ -45,3 +45,28 @@ def summarize(confusion: np.ndarray, prefix: str = "val") -> dict:
       f"{prefix}/iou_per_class": [None if np.isnan(v) else float(v) for v in ious],
       f"{prefix}/pixel_accuracy": float(np.trace(confusion)) / total if total else float("nan"),
   }
+
+
+def confusion_matrix_numpy(predictions: np.ndarray, labels: np.ndarray, num_classes: int,
+                           ignore_label: int) -> np.ndarray:
+  """confusion_matrix on the host, int64, for images of any size (no compile per shape)."""
+  labels = np.asarray(labels).astype(np.int64).reshape(-1)
+  predictions = np.asarray(predictions).astype(np.int64).reshape(-1)
+  valid = (labels != ignore_label) & (labels >= 0) & (labels < num_classes)
+  cells = labels[valid] * num_classes + predictions[valid]
+  return np.bincount(cells, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+def iou_table(confusion: np.ndarray, class_names) -> str:
+  """A plain-text table: class, IoU (or '-' when undefined), ground-truth pixels; mIoU last."""
+  confusion = np.asarray(confusion)
+  ious = iou_per_class(confusion)
+  pixels = confusion.sum(axis=1)
+  width = max([len("class")] + [len(str(name)) for name in class_names])
+  lines = [f"{'class':<{width}}  {'IoU':>7}  {'pixels':>12}"]
+  for name, iou, count in zip(class_names, ious, pixels):
+    shown = "-" if np.isnan(iou) else f"{iou:.4f}"
+    lines.append(f"{str(name):<{width}}  {shown:>7}  {int(count):>12,}")
+  miou = np.nanmean(ious) if np.any(~np.isnan(ious)) else float("nan")
+  lines.append(f"{'mIoU':<{width}}  {miou:>7.4f}  {int(pixels.sum()):>12,}")
+  return "\n".join(lines)

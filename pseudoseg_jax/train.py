@@ -1,8 +1,8 @@
 """run(config, workdir): the whole training job, top to bottom.
 
-mesh -> data -> model/optimizer -> restore -> loop (step, log, eval, checkpoint) -> results.json.
-Rerunning the same command on the same workdir resumes from the latest checkpoint; a finished run
-only reports its results again.
+mesh -> data -> model/optimizer -> restore -> loop (step, log, eval, checkpoint) -> results.json and
+learning_curves.png. Rerunning the same command on the same workdir resumes from the latest
+checkpoint; a finished run only reports its results again.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from pseudoseg_jax.writers import log
 
 CONFIG_FILE = "config.json"
 RESULTS_FILE = "results.json"
+LEARNING_CURVES_FILE = "learning_curves.png"
 
 
 def check_workdir_matches(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -54,14 +55,26 @@ def write_json(path: str, payload: dict) -> None:
   os.replace(path + ".tmp", path)
 
 
-def evaluate(eval_fn, state: steps.TrainState, eval_batches, mesh) -> dict:
-  """Accumulates the confusion matrix over the whole eval split, then summarizes it."""
+def evaluate(eval_fn, state: steps.TrainState, eval_batches, mesh) -> tuple[dict, np.ndarray]:
+  """Accumulates the confusion matrix over the whole eval split; returns its summary (mIoU ...)
+  and the matrix itself."""
   confusion = None
   for local_batch in eval_batches():
     batch_confusion = np.asarray(eval_fn(state.params, state.batch_stats,
                                          sharding.to_global(local_batch, mesh)), np.int64)
     confusion = batch_confusion if confusion is None else confusion + batch_confusion
-  return evaluation.summarize(confusion, prefix="val")
+  return evaluation.summarize(confusion, prefix="val"), confusion
+
+
+def write_evaluation(writer: writers.MetricWriter, step: int, summary: dict,
+                     confusion: np.ndarray, class_names) -> None:
+  """The summary to metrics.jsonl and TensorBoard, and the confusion matrix as a picture."""
+  writer.write(step, summary)
+  if writer.enabled:  # Drawing takes a second: only where it is kept.
+    title = f"step {step}: val mIoU {summary['val/miou']:.3f}"
+    writer.write_images(step, {"confusion_matrix": visualize.confusion_matrix_image(
+        confusion, class_names, title=title)})
+  log.info("step %d: val/miou = %.4f", step, summary["val/miou"])
 
 
 def training_batches(config: ml_collections.ConfigDict, source: datasets.Source, mesh,
@@ -130,6 +143,28 @@ def pseudo_label_grid(maps: dict, unlabeled: dict, num_classes: int,
   return visualize.grid(columns)
 
 
+def write_pseudo_label_summary(writer: writers.MetricWriter, images_fn, state: steps.TrainState,
+                               local_batch: dict, global_batch: dict,
+                               config: ml_collections.ConfigDict) -> None:
+  """The pseudo_label_grid of the step about to run, computed before it with its own key: the
+  pseudo labels this very step trains on. Every process computes (the batch is global)."""
+  step_key = steps.step_key(config.seed, state.step)
+  _, unlabeled_key = steps.labeled_and_unlabeled_keys(step_key)
+  maps = jax.device_get(images_fn(state.params, state.batch_stats, global_batch["unlabeled"],
+                                  unlabeled_key))
+  writer.write_images(int(state.step) + 1, {"pseudo_labels": pseudo_label_grid(
+      maps, local_batch["unlabeled"], config.data.num_classes)})
+
+
+def write_learning_curves(workdir: str, config: ml_collections.ConfigDict) -> str:
+  """WORKDIR/learning_curves.png from metrics.jsonl, which holds the whole history after a
+  resume too. Returns its path."""
+  path = os.path.join(workdir, LEARNING_CURVES_FILE)
+  title = f"{config.method} on {config.data.name}: {os.path.basename(os.path.abspath(workdir))}"
+  writers.write_png(path, visualize.learning_curves_image(writers.read_metrics(workdir), title))
+  return path
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   config_lib.validate(config)
   os.makedirs(workdir, exist_ok=True)
@@ -196,13 +231,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     local_batch = next(train_batches)
     global_batch = sharding.to_global(local_batch, mesh)
     if wants_images and (step % config.image_summary_every == 0 or step == start_step + 1):
-      # Before the step, with its key: the pseudo labels this very step trains on.
-      step_key = steps.step_key(config.seed, state.step)
-      _, unlabeled_key = steps.labeled_and_unlabeled_keys(step_key)
-      maps = jax.device_get(images_fn(state.params, state.batch_stats, global_batch["unlabeled"],
-                                      unlabeled_key))
-      writer.write_images(step, {"pseudo_labels": pseudo_label_grid(
-          maps, local_batch["unlabeled"], config.data.num_classes)})
+      write_pseudo_label_summary(writer, images_fn, state, local_batch, global_batch, config)
     state, metrics = train_fn(state, global_batch)
     pending_metrics.append(metrics)
     if step == start_step + 1:
@@ -215,9 +244,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       averaged["train/steps_per_second"] = progress.report(step, averaged)
       writer.write(step, averaged)
     if step % config.eval_every == 0 or step == config.total_steps:
-      last_eval = (step, evaluate(eval_fn, state, eval_batches, mesh))
-      writer.write(step, last_eval[1])
-      log.info("step %d: val/miou = %.4f", step, last_eval[1]["val/miou"])
+      summary, confusion = evaluate(eval_fn, state, eval_batches, mesh)
+      write_evaluation(writer, step, summary, confusion, source.class_names)
+      last_eval = (step, summary)
       progress.restart_clock(step)
     if step % config.checkpoint_every == 0 or step == config.total_steps:
       checkpointing.save(manager, step, state)
@@ -232,14 +261,19 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if results.get("step") == final_step:
       log.info("Already trained to step %d; results in %s.", final_step, results_path)
       writer.close()
+      # A run finished before the curves existed gets them now.
+      if is_writer and not os.path.exists(os.path.join(workdir, LEARNING_CURVES_FILE)):
+        log.info("Learning curves: %s.", write_learning_curves(workdir, config))
       return results
   if last_eval is None or last_eval[0] != final_step:
-    last_eval = (final_step, evaluate(eval_fn, state, eval_batches, mesh))
-    writer.write(final_step, last_eval[1])
+    summary, confusion = evaluate(eval_fn, state, eval_batches, mesh)
+    write_evaluation(writer, final_step, summary, confusion, source.class_names)
+    last_eval = (final_step, summary)
   results = {"step": final_step, **last_eval[1], "class_names": list(source.class_names)}
+  writer.close()
   if is_writer:
     write_json(results_path, results)
-  writer.close()
+    log.info("Learning curves: %s.", write_learning_curves(workdir, config))
   log.info("Final val/miou = %.4f at step %d (%s).", results["val/miou"], final_step,
            results_path)
   return results

@@ -1,4 +1,5 @@
-"""Where metrics go: WORKDIR/metrics.jsonl, TensorBoard scalars, and a progress line on the console.
+"""Where metrics go: WORKDIR/metrics.jsonl, TensorBoard scalars and images, PNG files, and a
+progress line on the console; and how to read them back (a notebook, the learning curves).
 
 Only process 0 writes; other processes get a writer that does nothing, so the train loop needs no
 `if jax.process_index() == 0` of its own.
@@ -16,6 +17,7 @@ import time
 import numpy as np
 
 METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
 
 
 def get_logger() -> logging.Logger:
@@ -59,6 +61,44 @@ def truncate_metrics(workdir: str, last_step: int) -> None:
   os.replace(path + ".tmp", path)
 
 
+def read_metrics(workdir: str) -> list[dict]:
+  """metrics.jsonl's records in file order; [] before the first one is written."""
+  path = os.path.join(workdir, METRICS_FILE)
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def write_png(path: str, image: np.ndarray) -> None:
+  """uint8 [H, W, 3] to a PNG, written then renamed so that a reader never sees half a file."""
+  from PIL import Image
+  with open(path + ".tmp", "wb") as f:
+    Image.fromarray(np.asarray(image, np.uint8)).save(f, format="PNG")
+  os.replace(path + ".tmp", path)
+
+
+def read_tensorboard_images(workdir: str, name: str) -> list[tuple[int, np.ndarray]]:
+  """(step, uint8 [H, W, 3]) of every image MetricWriter.write_images logged under `name` (the
+  first image of each step), oldest first: for notebooks and tests, without a TensorBoard server."""
+  import io
+
+  from PIL import Image
+  from tensorboard.backend.event_processing import event_accumulator
+  from tensorboard.util import tensor_util
+  accumulator = event_accumulator.EventAccumulator(os.path.join(workdir, TENSORBOARD_DIR),
+                                                   size_guidance={"tensors": 0})
+  accumulator.Reload()
+  if name not in accumulator.Tags()["tensors"]:
+    return []
+  images = []
+  for event in accumulator.Tensors(name):
+    # tf.summary.image stores [width, height, png, png, ...] as strings.
+    encoded = tensor_util.make_ndarray(event.tensor_proto)[2]
+    images.append((event.step, np.asarray(Image.open(io.BytesIO(encoded)).convert("RGB"))))
+  return images
+
+
 class MetricWriter:
   """Appends one JSON object per call to metrics.jsonl and the scalars to TensorBoard."""
 
@@ -69,7 +109,8 @@ class MetricWriter:
     if enabled:
       import tensorflow as tf  # Imported lazily: only the writing process needs it.
       self._tf = tf
-      self._summary_writer = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
+      logdir = os.path.join(workdir, TENSORBOARD_DIR)
+      self._summary_writer = tf.summary.create_file_writer(logdir)
 
   def write(self, step: int, metrics: dict) -> None:
     if not self.enabled:

@@ -67,24 +67,34 @@ def test_cli_writes_the_workdir_contract(cli_run):
     assert 0 <= metrics[0][name] < 100, name
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
   assert tensorboard_image_steps(os.path.join(workdir, "tensorboard")) == [1, 2, 4]
+  assert tensorboard_image_steps(os.path.join(workdir, "tensorboard"), "confusion_matrix") == [4]
+  assert learning_curves_size(workdir) == (1200, 450)
 
 
-def tensorboard_image_steps(logdir):
-  """Steps at which a 'pseudo_labels' image grid was written."""
+def tensorboard_image_steps(logdir, tag="pseudo_labels"):
+  """Steps at which an image (by default the pseudo-label grid) was written."""
   from tensorboard.backend.event_processing import event_accumulator
   accumulator = event_accumulator.EventAccumulator(logdir, size_guidance={"tensors": 0})
   accumulator.Reload()
-  if "pseudo_labels" not in accumulator.Tags()["tensors"]:
+  if tag not in accumulator.Tags()["tensors"]:
     return []
-  return [event.step for event in accumulator.Tensors("pseudo_labels")]
+  return [event.step for event in accumulator.Tensors(tag)]
+
+
+def learning_curves_size(workdir):
+  from PIL import Image
+  with Image.open(os.path.join(workdir, train.LEARNING_CURVES_FILE)) as image:
+    return image.size
 
 
 def test_rerunning_a_finished_run_resumes_instead_of_retraining(cli_run):
   data_dir, workdir, _ = cli_run
   before = read_metrics(workdir)
+  os.remove(os.path.join(workdir, train.LEARNING_CURVES_FILE))  # As a run from before the curves.
   results = train.run(tiny_config(data_dir), workdir)
   assert results["step"] == 4
   assert read_metrics(workdir) == before  # Nothing retrained, nothing logged twice.
+  assert learning_curves_size(workdir) == (1200, 450)  # Drawn again.
 
 
 def test_raising_total_steps_continues_from_the_checkpoint(cli_run, tmp_path):
@@ -94,6 +104,7 @@ def test_raising_total_steps_continues_from_the_checkpoint(cli_run, tmp_path):
   assert results["step"] == 6
   steps = [m["step"] for m in read_metrics(workdir) if "train/loss" in m]
   assert steps == [2, 4, 6]
+  assert tensorboard_image_steps(os.path.join(workdir, "tensorboard"), "confusion_matrix") == [4, 6]
 
 
 def test_a_workdir_of_another_model_is_refused_and_kept(cli_run):

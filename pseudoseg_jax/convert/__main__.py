@@ -18,11 +18,15 @@ from ml_collections import config_flags
 from pseudoseg_jax import convert
 from pseudoseg_jax.models import build_model
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "The training config (its model section).")
-_INPUT = flags.DEFINE_string("input", None, "Weights file: .safetensors, .pth, .h5, TF checkpoint.")
-_OUTPUT = flags.DEFINE_string("output", None, "The .npz to write.")
-_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing --output.")
-flags.mark_flags_as_required(["config", "input", "output"])
+
+def define_flags() -> None:
+  """Only when run as a program: main.py, predict.py and evaluate.py define flags of the same
+  names, and tests import every module into one process."""
+  config_flags.DEFINE_config_file("config", None, "The training config (its model section).")
+  flags.DEFINE_string("input", None, "Weights file: .safetensors, .pth, .h5, TF checkpoint.")
+  flags.DEFINE_string("output", None, "The .npz to write.")
+  flags.DEFINE_bool("overwrite", False, "Replace an existing --output.")
+  flags.mark_flags_as_required(["config", "input", "output"])
 
 
 def backbone_shapes(config) -> dict:
@@ -53,13 +57,15 @@ def convert_file(config, input_path: str, output_path: str, *, overwrite: bool =
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  values = flags.FLAGS
   try:
-    count = convert_file(_CONFIG.value, _INPUT.value, _OUTPUT.value, overwrite=_OVERWRITE.value)
+    count = convert_file(values.config, values.input, values.output, overwrite=values.overwrite)
   except (ValueError, FileNotFoundError) as error:
     raise SystemExit(f"error: {error}") from error  # The message is the whole story: no trace.
-  print(f"Wrote {count} backbone tensors to {_OUTPUT.value}; train with "
-        f"--config.model.init_from={_OUTPUT.value}")
+  print(f"Wrote {count} backbone tensors to {values.output}; train with "
+        f"--config.model.init_from={values.output}")
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)
