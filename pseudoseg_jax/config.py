@@ -106,6 +106,11 @@ def base_config() -> ml_collections.ConfigDict:
   # models trained from scratch whose first pseudo labels are noise (see steps.consistency_weight).
   config.pseudoseg.consistency_rampup_steps = 0
 
+  # A step whose loss or gradient norm is not finite stops the run with an error naming it, and
+  # nothing of it is saved (the last checkpoint stays the last good state). True instead discards
+  # such steps' updates on the device and counts them ('train/skipped_steps' in metrics.jsonl).
+  config.skip_nonfinite_steps = False
+
   config.log_every = 50
   config.image_summary_every = 1_000  # TensorBoard grid of views and pseudo labels; 0 = never.
   config.eval_every = 1_000

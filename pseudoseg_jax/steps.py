@@ -327,11 +327,29 @@ def train_step(state: TrainState, batch: dict, *, graphdef: nnx.GraphDef,
                                                graphdef=graphdef, config=config)
   updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
   new_params = optax.apply_updates(state.params, updates)
-  metrics = {**metrics, "train/loss": loss, "train/grad_norm": optax.global_norm(grads),
-             "train/learning_rate": learning_rate_schedule(config)(state.step)}
+  grad_norm = optax.global_norm(grads)
+  # A non-finite gradient anywhere makes the global norm non-finite, so two scalars cover the step.
+  all_finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  metrics = {**metrics, "train/loss": loss, "train/grad_norm": grad_norm,
+             "train/learning_rate": learning_rate_schedule(config)(state.step),
+             "train/all_finite": all_finite}
   new_state = state.replace(step=state.step + 1, params=new_params, batch_stats=new_stats,
                             opt_state=new_opt_state)
+  if config.skip_nonfinite_steps:
+    new_state = keep_previous_unless(all_finite, new_state, state)
   return new_state, metrics
+
+
+def keep_previous_unless(all_finite: jax.Array, new_state: TrainState,
+                         state: TrainState) -> TrainState:
+  """`new_state` if the step was finite, else `state` with only the step counter advanced.
+
+  Chosen on the device (a select per leaf), so skipping costs no host round trip; the counter still
+  advances so that checkpoints, step keys and the data stream stay indexed by step on resume.
+  Batch statistics are kept too: a non-finite forward pass would have poisoned them.
+  """
+  kept = jax.tree.map(lambda new, old: jnp.where(all_finite, new, old), new_state, state)
+  return kept.replace(step=new_state.step)
 
 
 def predict_logits(params: dict, batch_stats: dict, images: jax.Array, *,

@@ -10,10 +10,13 @@ from __future__ import annotations
 import functools
 import json
 import os
+import signal
+import threading
 
 import jax
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 
 from pseudoseg_jax import checkpointing, convert, evaluation, sharding, steps, visualize, writers
 from pseudoseg_jax import config as config_lib
@@ -23,6 +26,111 @@ from pseudoseg_jax.writers import log
 CONFIG_FILE = "config.json"
 RESULTS_FILE = "results.json"
 LEARNING_CURVES_FILE = "learning_curves.png"
+
+
+class Preempted(SystemExit):
+  """Raised by run() after SIGTERM or SIGINT, once the step in flight is checkpointed.
+
+  A SystemExit, so the command ends without a traceback and with 128 + the signal number (143 for
+  SIGTERM, 130 for SIGINT), the status a shell reports for a process the signal killed: schedulers
+  and job controllers (Kubernetes Jobs, SLURM, retry loops in launch scripts) see a run that did not
+  finish and start it again, which resumes it. Exit 0 would read as "done" and the run would never
+  resume. In-process callers (a notebook) can catch it by name.
+  """
+
+  def __init__(self, step: int, signal_number: int):
+    super().__init__(128 + signal_number)
+    self.step = step
+
+
+class TrainingDiverged(RuntimeError):
+  """A step's loss or gradient norm was not finite (and config.skip_nonfinite_steps is off)."""
+
+
+class StopSignals:
+  """While entered, SIGTERM and SIGINT only set `received`; the loop reads it between steps.
+
+  The handler does nothing else: saving from inside it could interrupt the loop mid-step.
+  Python lets only the main thread install handlers; elsewhere (a thread of a notebook server)
+  the signals keep their previous meaning.
+  """
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+  def __init__(self):
+    self.received = None
+    self._previous = {}
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      for signal_number in self.SIGNALS:
+        self._previous[signal_number] = signal.signal(signal_number, self._handle)
+    return self
+
+  def _handle(self, signal_number, frame):
+    if self.received is not None and signal_number == signal.SIGINT:
+      raise KeyboardInterrupt  # A second Ctrl-C: the user will not wait for the checkpoint.
+    self.received = signal_number
+
+  def __exit__(self, *exc_info):
+    for signal_number, previous in self._previous.items():
+      # None: a handler installed outside Python, which Python cannot reinstall.
+      signal.signal(signal_number, signal.SIG_DFL if previous is None else previous)
+    return False
+
+
+def agreed_across_processes(requested: bool) -> bool:
+  """True on every process if any process asks to stop.
+
+  The checkpoint save is collective: a process that saved and left alone would leave the others
+  waiting in the next step's collectives. One all-gather of a flag per step (a host sync, so only
+  where there are several processes; a single process decides alone).
+  """
+  if jax.process_count() == 1:
+    return requested
+  return bool(np.any(multihost_utils.process_allgather(np.asarray(requested, np.int32))))
+
+
+def raise_if_diverged(pending_metrics: list, last_step: int, manager) -> None:
+  """TrainingDiverged naming the first pending step whose loss or gradient norm is not finite.
+
+  Called before anything leaves the loop (a log, an eval, a checkpoint), so a non-finite state is
+  never saved. It waits for the device only there, not every step; the steps run between a
+  divergence and its check are lost anyway.
+  """
+  finite = jax.device_get([m["train/all_finite"] for m in pending_metrics])
+  if all(finite):
+    return
+  index = next(i for i, ok in enumerate(finite) if not ok)
+  names = ("train/loss", "train/grad_norm")
+  values = jax.device_get([pending_metrics[index][name] for name in names])
+  named = ", ".join(f"{name}={float(value)}" for name, value in zip(names, values)
+                    if not np.isfinite(value))
+  manager.wait_until_finished()  # The last good checkpoint, if still being written, completes.
+  latest = manager.latest_step()
+  kept = (f"the last checkpoint (step {latest}, in {manager.directory}) is untouched"
+          if latest is not None else "no checkpoint was written")
+  raise TrainingDiverged(
+      f"Training diverged at step {last_step - len(pending_metrics) + 1 + index}: {named}. "
+      f"Nothing of this step was saved; {kept}. Lower config.optimizer.learning_rate, or set "
+      "config.skip_nonfinite_steps=True to skip such steps.")
+
+
+def average_pending(pending_metrics: list, source: datasets.Source) -> tuple[dict, int]:
+  """(the mean of each metric over the finite steps, how many steps were not finite)."""
+  fetched = jax.device_get(pending_metrics)
+  finite = [m for m in fetched if m["train/all_finite"]]
+  averaged = {name: float(np.mean([m[name] for m in finite]))
+              for name in fetched[0] if name != "train/all_finite"} if finite else {}
+  return without_unmeasured(averaged, source), len(fetched) - len(finite)
+
+
+def previously_skipped_steps(workdir: str) -> int:
+  """The 'train/skipped_steps' count logged before a resume (metrics.jsonl is already cut back to
+  the restored step), so the count stays cumulative over the whole run."""
+  counts = [m["train/skipped_steps"] for m in writers.read_metrics(workdir)
+            if "train/skipped_steps" in m]
+  return int(counts[-1]) if counts else 0
 
 
 def check_workdir_matches(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -227,29 +335,52 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
              config.method, start_step, config.total_steps, mesh.devices.size, config.batch_size,
              f" + {config.pseudoseg.unlabeled_batch_size} unlabeled (pool of "
              f"{source.num_unlabeled})" if config.method == "pseudoseg" else "")
-  for step in range(start_step + 1, config.total_steps + 1):
-    local_batch = next(train_batches)
-    global_batch = sharding.to_global(local_batch, mesh)
-    if wants_images and (step % config.image_summary_every == 0 or step == start_step + 1):
-      write_pseudo_label_summary(writer, images_fn, state, local_batch, global_batch, config)
-    state, metrics = train_fn(state, global_batch)
-    pending_metrics.append(metrics)
-    if step == start_step + 1:
-      progress.restart_clock(step)  # Keep compile time out of steps/s.
-    if step % config.log_every == 0 or step == config.total_steps:
-      averaged = without_unmeasured(
-          {k: float(np.mean([m[k] for m in jax.device_get(pending_metrics)]))
-           for k in pending_metrics[0]}, source)
-      pending_metrics = []
-      averaged["train/steps_per_second"] = progress.report(step, averaged)
-      writer.write(step, averaged)
-    if step % config.eval_every == 0 or step == config.total_steps:
-      summary, confusion = evaluate(eval_fn, state, eval_batches, mesh)
-      write_evaluation(writer, step, summary, confusion, source.class_names)
-      last_eval = (step, summary)
-      progress.restart_clock(step)
-    if step % config.checkpoint_every == 0 or step == config.total_steps:
-      checkpointing.save(manager, step, state)
+  skipped_steps = (previously_skipped_steps(workdir)
+                   if is_writer and config.skip_nonfinite_steps else 0)
+  # Preemption: the signal only sets a flag; the step in flight finishes, is checkpointed (the save
+  # waited for) with its pending metrics, and run() raises Preempted. The time from the signal to
+  # the exit is one step and one save: no eval or image summary runs after it.
+  with StopSignals() as stop_signals:
+    for step in range(start_step + 1, config.total_steps + 1):
+      local_batch = next(train_batches)
+      global_batch = sharding.to_global(local_batch, mesh)
+      if wants_images and (step % config.image_summary_every == 0 or step == start_step + 1):
+        write_pseudo_label_summary(writer, images_fn, state, local_batch, global_batch, config)
+      state, metrics = train_fn(state, global_batch)
+      pending_metrics.append(metrics)
+      if step == start_step + 1:
+        progress.restart_clock(step)  # Keep compile time out of steps/s.
+      preempted = agreed_across_processes(stop_signals.received is not None)
+      is_last = step == config.total_steps
+      wants_log = step % config.log_every == 0 or is_last or preempted
+      wants_eval = (step % config.eval_every == 0 or is_last) and not preempted
+      wants_save = step % config.checkpoint_every == 0 or is_last or preempted
+      if not config.skip_nonfinite_steps and (wants_log or wants_eval or wants_save):
+        raise_if_diverged(pending_metrics, step, manager)
+      if wants_log:
+        averaged, skipped = average_pending(pending_metrics, source)
+        if config.skip_nonfinite_steps:
+          skipped_steps += skipped
+          averaged["train/skipped_steps"] = skipped_steps
+          if skipped:
+            log.warning("Skipped %d of the last %d steps: loss or gradient norm not finite.",
+                        skipped, len(pending_metrics))
+        pending_metrics = []
+        averaged["train/steps_per_second"] = progress.report(step, averaged)
+        writer.write(step, averaged)
+      if wants_eval:
+        summary, confusion = evaluate(eval_fn, state, eval_batches, mesh)
+        write_evaluation(writer, step, summary, confusion, source.class_names)
+        last_eval = (step, summary)
+        progress.restart_clock(step)
+      if wants_save:
+        checkpointing.save(manager, step, state)
+      if preempted:
+        manager.wait_until_finished()
+        writer.close()
+        log.info("Preempted at step %d; rerun the same command to resume.", step)
+        # Other processes stop because one was signalled: they exit as if they had been too.
+        raise Preempted(step, stop_signals.received or signal.SIGTERM)
   manager.wait_until_finished()
 
   # ---------------------------------------------------------------- results
