@@ -11,14 +11,13 @@ import functools
 import json
 import os
 import signal
-import threading
 
 import jax
 import ml_collections
 import numpy as np
-from jax.experimental import multihost_utils
 
-from pseudoseg_jax import checkpointing, convert, evaluation, sharding, steps, visualize, writers
+from pseudoseg_jax import checkpointing, convert, evaluation, preemption, sharding, steps
+from pseudoseg_jax import visualize, writers
 from pseudoseg_jax import config as config_lib
 from pseudoseg_jax.data import datasets, pipeline
 from pseudoseg_jax.writers import log
@@ -28,67 +27,8 @@ RESULTS_FILE = "results.json"
 LEARNING_CURVES_FILE = "learning_curves.png"
 
 
-class Preempted(SystemExit):
-  """Raised by run() after SIGTERM or SIGINT, once the step in flight is checkpointed.
-
-  A SystemExit, so the command ends without a traceback and with 128 + the signal number (143 for
-  SIGTERM, 130 for SIGINT), the status a shell reports for a process the signal killed: schedulers
-  and job controllers (Kubernetes Jobs, SLURM, retry loops in launch scripts) see a run that did not
-  finish and start it again, which resumes it. Exit 0 would read as "done" and the run would never
-  resume. In-process callers (a notebook) can catch it by name.
-  """
-
-  def __init__(self, step: int, signal_number: int):
-    super().__init__(128 + signal_number)
-    self.step = step
-
-
 class TrainingDiverged(RuntimeError):
   """A step's loss or gradient norm was not finite (and config.skip_nonfinite_steps is off)."""
-
-
-class StopSignals:
-  """While entered, SIGTERM and SIGINT only set `received`; the loop reads it between steps.
-
-  The handler does nothing else: saving from inside it could interrupt the loop mid-step.
-  Python lets only the main thread install handlers; elsewhere (a thread of a notebook server)
-  the signals keep their previous meaning.
-  """
-
-  SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-  def __init__(self):
-    self.received = None
-    self._previous = {}
-
-  def __enter__(self):
-    if threading.current_thread() is threading.main_thread():
-      for signal_number in self.SIGNALS:
-        self._previous[signal_number] = signal.signal(signal_number, self._handle)
-    return self
-
-  def _handle(self, signal_number, frame):
-    if self.received is not None and signal_number == signal.SIGINT:
-      raise KeyboardInterrupt  # A second Ctrl-C: the user will not wait for the checkpoint.
-    self.received = signal_number
-
-  def __exit__(self, *exc_info):
-    for signal_number, previous in self._previous.items():
-      # None: a handler installed outside Python, which Python cannot reinstall.
-      signal.signal(signal_number, signal.SIG_DFL if previous is None else previous)
-    return False
-
-
-def agreed_across_processes(requested: bool) -> bool:
-  """True on every process if any process asks to stop.
-
-  The checkpoint save is collective: a process that saved and left alone would leave the others
-  waiting in the next step's collectives. One all-gather of a flag per step (a host sync, so only
-  where there are several processes; a single process decides alone).
-  """
-  if jax.process_count() == 1:
-    return requested
-  return bool(np.any(multihost_utils.process_allgather(np.asarray(requested, np.int32))))
 
 
 def raise_if_diverged(pending_metrics: list, last_step: int, manager) -> None:
@@ -338,9 +278,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   skipped_steps = (previously_skipped_steps(workdir)
                    if is_writer and config.skip_nonfinite_steps else 0)
   # Preemption: the signal only sets a flag; the step in flight finishes, is checkpointed (the save
-  # waited for) with its pending metrics, and run() raises Preempted. The time from the signal to
+  # waited for) with its pending metrics, and run() raises preemption.Preempted. From the signal to
   # the exit is one step and one save: no eval or image summary runs after it.
-  with StopSignals() as stop_signals:
+  with preemption.StopSignals() as stop_signals:
     for step in range(start_step + 1, config.total_steps + 1):
       local_batch = next(train_batches)
       global_batch = sharding.to_global(local_batch, mesh)
@@ -350,7 +290,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       pending_metrics.append(metrics)
       if step == start_step + 1:
         progress.restart_clock(step)  # Keep compile time out of steps/s.
-      preempted = agreed_across_processes(stop_signals.received is not None)
+      preempted = preemption.agreed_across_processes(stop_signals.received is not None)
       is_last = step == config.total_steps
       wants_log = step % config.log_every == 0 or is_last or preempted
       wants_eval = (step % config.eval_every == 0 or is_last) and not preempted
@@ -380,7 +320,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         writer.close()
         log.info("Preempted at step %d; rerun the same command to resume.", step)
         # Other processes stop because one was signalled: they exit as if they had been too.
-        raise Preempted(step, stop_signals.received or signal.SIGTERM)
+        raise preemption.Preempted(step, stop_signals.received or signal.SIGTERM)
   manager.wait_until_finished()
 
   # ---------------------------------------------------------------- results

@@ -6,7 +6,6 @@ import sys
 import jax
 import numpy as np
 import pytest
-from flax import nnx
 
 from pseudoseg_jax import config as config_lib
 from pseudoseg_jax import convert, steps, train

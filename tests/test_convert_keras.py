@@ -259,7 +259,7 @@ def test_configured_model_matches_keras_stages_1_to_3_at_output_stride_16(
   ours = forward(images[65])
   reference = keras_stages(keras_resnet50, "resnet50")(images[65], training=False)
   errors = stage_errors(ours, reference[:3], FEATURES[:3])
-  print(f"\nResNet-50 OS 16 (DeepLab backbone), 65x65: " +
+  print("\nResNet-50 OS 16 (DeepLab backbone), 65x65: " +
         ", ".join(f"{name} {error:.2e} ({scale:.2f})" for name, (error, scale) in errors.items()))
   assert_float32_close(errors)
   assert ours["stage4"].shape == (1, 5, 5, 2048)  # Dilated instead of strided: 65 / 16 -> 5.

@@ -51,7 +51,7 @@ def test_the_notebook_trains_the_demo_and_shows_its_pictures(tmp_path, monkeypat
   finally:
     nbformat.write(notebook, tmp_path / "executed.ipynb")  # For a look after a failure.
 
-  assert f"val/miou = " in printed(cell_outputs(notebook, "pseudoseg_jax.main"))
+  assert "val/miou = " in printed(cell_outputs(notebook, "pseudoseg_jax.main"))
   assert f"at step {STEPS}; IoU per class" in printed(cell_outputs(notebook, "results.json"))
   assert len(pictures(cell_outputs(notebook, "learning_curves.png"))) == 1
   summaries = cell_outputs(notebook, "show_last_image(\"pseudo_labels\"")

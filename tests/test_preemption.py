@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pseudoseg_jax import checkpointing, steps, train
+from pseudoseg_jax import checkpointing, preemption, steps, train
 from test_train import ROOT, TINY_OVERRIDES, read_metrics, tiny_config
 
 # Many short steps, each logged (the test waits for the first log line), no eval or checkpoint of
@@ -79,12 +79,12 @@ def test_sigterm_checkpoints_the_current_step_and_a_rerun_finishes(data_dir, tmp
 
 def test_stop_signals_only_record_the_signal_and_restore_the_previous_handlers():
   previous = signal.getsignal(signal.SIGTERM)
-  with train.StopSignals() as stop_signals:
+  with preemption.StopSignals() as stop_signals:
     os.kill(os.getpid(), signal.SIGTERM)
     time.sleep(0.01)  # Python runs the handler between bytecodes of the main thread.
     assert stop_signals.received == signal.SIGTERM
   assert signal.getsignal(signal.SIGTERM) is previous
-  assert train.agreed_across_processes(True) and not train.agreed_across_processes(False)
+  assert preemption.agreed_across_processes(True) and not preemption.agreed_across_processes(False)
 
 
 def poisoned_at(step_to_poison):
