@@ -244,9 +244,9 @@ def semantic_examples(builder: tfds.core.DatasetBuilder, split: str, class_of_la
   encoded = builder.as_dataset(split=split, shuffle_files=False, read_config=read_config,
                                decoders=_SKIP_IMAGE_DECODING).map(_slim_encoded)
   if ids is not None:
-    encoded = subsets.keep_ids(encoded, ids)
-    if len(ids) <= MAX_CACHED_SHARE * builder.info.splits[split].num_examples:
-      encoded = encoded.cache()
+    encoded = subsets.keep_ids_cached(encoded, ids,
+                                      split_size=builder.info.splits[split].num_examples,
+                                      max_cached_share=MAX_CACHED_SHARE)
   features = builder.info.features
 
   def decode(example):
@@ -258,24 +258,11 @@ def semantic_examples(builder: tfds.core.DatasetBuilder, split: str, class_of_la
   return encoded.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
-def _subset_or_all(ids: Sequence[str], pool_ids: Sequence[str]) -> Optional[Sequence[str]]:
-  """None (the whole split, no filter) when `ids` is the whole pool."""
-  return None if len(ids) == len(pool_ids) else ids
-
-
 def _check_unlabeled_pool(config: ml_collections.ConfigDict, num_unlabeled: int, what: str) -> None:
   """An empty unlabeled pool only matters to PseudoSeg: say so before training starts."""
   if not num_unlabeled and config.method == "pseudoseg":
     raise ValueError(f"The unlabeled pool is empty: every image of {what} is labeled (set "
                      f"config.data.unlabeled_includes_labeled=True to reuse them).")
-
-
-def _labeled_ids(config: ml_collections.ConfigDict, pool_ids: Sequence[str],
-                 pool_name: str) -> list[str]:
-  data = config.data
-  return subsets.select_labeled_ids(
-      pool_ids, labeled_list=data.labeled_list, num_labeled=data.num_labeled,
-      labeled_fraction=data.labeled_fraction, seed=data.split_seed, pool_name=pool_name)
 
 
 def _unlabeled_images(config: ml_collections.ConfigDict, builder: tfds.core.DatasetBuilder,
@@ -288,7 +275,7 @@ def _unlabeled_images(config: ml_collections.ConfigDict, builder: tfds.core.Data
                               include_labeled=config.data.unlabeled_includes_labeled)
   if not ids:
     return None, 0
-  return semantic_examples(builder, split, class_of_label, _subset_or_all(ids, pool_ids)), len(ids)
+  return semantic_examples(builder, split, class_of_label, subsets.subset_or_all(ids, pool_ids)), len(ids)
 
 
 def load_coco(config: ml_collections.ConfigDict):
@@ -305,14 +292,14 @@ def load_coco(config: ml_collections.ConfigDict):
   things = thing_of_label(label_names(builder))
   class_of_label = things  # Here the thing ids are the classes.
   pool_ids = split_index(builder, data.train_split, things).ids
-  labeled_ids = _labeled_ids(config, pool_ids,
-                             f"{BUILDER_NAME} split '{data.train_split}' ({builder.data_dir})")
+  labeled_ids = subsets.labeled_ids_from_config(
+      data, pool_ids, pool_name=f"{BUILDER_NAME} split '{data.train_split}' ({builder.data_dir})")
   unlabeled, num_unlabeled = _unlabeled_images(config, builder, unlabeled_split, labeled_ids,
                                                things, class_of_label)
   _check_unlabeled_pool(config, num_unlabeled, f"{BUILDER_NAME} split '{unlabeled_split}'")
   return datasets.Source(
       labeled=semantic_examples(builder, data.train_split, class_of_label,
-                                _subset_or_all(labeled_ids, pool_ids)),
+                                subsets.subset_or_all(labeled_ids, pool_ids)),
       eval=semantic_examples(builder, data.eval_split, class_of_label),
       num_labeled=len(labeled_ids),
       num_eval=builder.info.splits[data.eval_split].num_examples,
@@ -384,9 +371,9 @@ def load_coco_voc(config: ml_collections.ConfigDict):
   class_of_label = voc_of_thing[things]
   train_index = split_index(builder, data.train_split, things)
   pool_ids = voc_pool_ids(train_index, voc_of_thing)
-  labeled_ids = _labeled_ids(
-      config, pool_ids, f"the {len(pool_ids)} images with VOC classes of {BUILDER_NAME} split "
-      f"'{data.train_split}' ({builder.data_dir})")
+  labeled_ids = subsets.labeled_ids_from_config(
+      data, pool_ids, pool_name=f"the {len(pool_ids)} images with VOC classes of {BUILDER_NAME} "
+      f"split '{data.train_split}' ({builder.data_dir})")
   unlabeled, num_unlabeled = (
       _unlabeled_images(config, builder, coco_unlabeled_split, labeled_ids, things, class_of_label)
       if coco_unlabeled_split else (None, 0))
@@ -399,7 +386,7 @@ def load_coco_voc(config: ml_collections.ConfigDict):
   eval_images, num_eval = voc.load_voc_split(config, data.eval_split)
   return datasets.Source(
       labeled=semantic_examples(builder, data.train_split, class_of_label,
-                                _subset_or_all(labeled_ids, train_index.ids)),
+                                subsets.subset_or_all(labeled_ids, train_index.ids)),
       eval=eval_images,
       num_labeled=len(labeled_ids),
       num_eval=num_eval,

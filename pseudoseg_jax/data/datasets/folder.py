@@ -190,9 +190,7 @@ def choose_ids(data: ml_collections.ConfigDict, images: dict, masks: dict) -> Fo
   else:
     pool = [i for i in not_val if i in masks]
     pool_name = f"the images of {root} with a mask and not in splits/val.txt"
-  labeled = subsets.select_labeled_ids(
-      pool, labeled_list=data.labeled_list, num_labeled=data.num_labeled,
-      labeled_fraction=data.labeled_fraction, seed=data.split_seed, pool_name=pool_name)
+  labeled = subsets.labeled_ids_from_config(data, pool, pool_name=pool_name)
   labeled_origin = data.labeled_list or pool_name
   require_not_in_val(labeled, val_ids, what=labeled_origin)
   require_masks(labeled, masks, what=labeled_origin, root=root)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Iterable, Sequence
+from typing import Iterable, Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -94,6 +94,19 @@ def select_labeled_ids(pool_ids: Sequence[str], *, labeled_list: str = "", num_l
   return sample_ids(pool_ids, num_labeled, seed)
 
 
+def labeled_ids_from_config(data, pool_ids: Sequence[str], *, pool_name: str) -> list[str]:
+  """select_labeled_ids with the choice config.data makes (labeled_list, num_labeled,
+  labeled_fraction, split_seed)."""
+  return select_labeled_ids(pool_ids, labeled_list=data.labeled_list, num_labeled=data.num_labeled,
+                            labeled_fraction=data.labeled_fraction, seed=data.split_seed,
+                            pool_name=pool_name)
+
+
+def subset_or_all(ids: Sequence[str], pool_ids: Sequence[str]) -> Optional[Sequence[str]]:
+  """None (read the whole split, no filter) when `ids` is the whole pool, else `ids`."""
+  return None if len(ids) == len(pool_ids) else ids
+
+
 def unlabeled_ids(pool_ids: Sequence[str], labeled_ids: Sequence[str], *,
                   include_labeled: bool) -> list[str]:
   """The unlabeled pool: every pool id, minus the labeled ones unless `include_labeled`."""
@@ -110,6 +123,14 @@ def keep_ids(dataset: tf.data.Dataset, ids: Sequence[str]) -> tf.data.Dataset:
                                           tf.ones([len(ids)], tf.int32)),
       default_value=0)
   return dataset.filter(lambda example: table.lookup(example["id"]) > 0)
+
+
+def keep_ids_cached(encoded: tf.data.Dataset, ids: Sequence[str], *, split_size: int,
+                    max_cached_share: float) -> tf.data.Dataset:
+  """keep_ids on still-encoded records; a subset up to `max_cached_share` of its split is cached
+  in memory (a labeled subset), so that later epochs do not rescan the whole split for it."""
+  kept = keep_ids(encoded, ids)
+  return kept.cache() if len(ids) <= max_cached_share * split_size else kept
 
 
 def _some(ids: Sequence[str], limit: int = 5) -> str:

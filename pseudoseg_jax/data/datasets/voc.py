@@ -261,11 +261,10 @@ def examples_with_ids(builder: tfds.core.DatasetBuilder, split: str,
   read_config = tfds.ReadConfig(shuffle_seed=0, interleave_cycle_length=1)
   if ids is None:
     return builder.as_dataset(split=split, shuffle_files=False, read_config=read_config)
-  encoded = subsets.keep_ids(
+  encoded = subsets.keep_ids_cached(
       builder.as_dataset(split=split, shuffle_files=False, read_config=read_config,
-                         decoders=_skip_image_decoding()), ids)
-  if 2 * len(ids) <= builder.info.splits[split].num_examples:
-    encoded = encoded.cache()
+                         decoders=_skip_image_decoding()),
+      ids, split_size=builder.info.splits[split].num_examples, max_cached_share=0.5)
   features = builder.info.features
   return encoded.map(
       lambda example: {"id": example["id"],
@@ -279,11 +278,6 @@ def load_voc_split(config: ml_collections.ConfigDict, split: str) -> tuple[tf.da
   builder = prepared_builder(config)
   _check_split(split, "split")
   return examples_with_ids(builder, split), builder.info.splits[split].num_examples
-
-
-def _subset_or_all(ids: Sequence[str], pool_ids: Sequence[str]) -> Optional[Sequence[str]]:
-  """None (read the whole split, no filter) when `ids` is the whole pool."""
-  return None if len(ids) == len(pool_ids) else ids
 
 
 def _check_split(split: str, field: str) -> None:
@@ -306,10 +300,8 @@ def load_voc(config: ml_collections.ConfigDict):
     _check_split(split, field)
   builder = prepared_builder(config)
   pool_ids = read_split_ids(builder, data.train_split)
-  labeled_ids = subsets.select_labeled_ids(
-      pool_ids, labeled_list=data.labeled_list, num_labeled=data.num_labeled,
-      labeled_fraction=data.labeled_fraction, seed=data.split_seed,
-      pool_name=f"voc split '{data.train_split}'")
+  labeled_ids = subsets.labeled_ids_from_config(data, pool_ids,
+                                                pool_name=f"voc split '{data.train_split}'")
   unlabeled_pool = (pool_ids if unlabeled_split == data.train_split
                     else read_split_ids(builder, unlabeled_split))
   unlabeled_ids = subsets.unlabeled_ids(unlabeled_pool, labeled_ids,
@@ -318,12 +310,12 @@ def load_voc(config: ml_collections.ConfigDict):
     raise ValueError(f"The unlabeled pool is empty: every image of voc split '{unlabeled_split}' "
                      f"is labeled (set config.data.unlabeled_includes_labeled=True to reuse them).")
   return datasets.Source(
-      labeled=examples_with_ids(builder, data.train_split, _subset_or_all(labeled_ids, pool_ids)),
+      labeled=examples_with_ids(builder, data.train_split, subsets.subset_or_all(labeled_ids, pool_ids)),
       eval=examples_with_ids(builder, data.eval_split),
       num_labeled=len(labeled_ids),
       num_eval=builder.info.splits[data.eval_split].num_examples,
       class_names=CLASS_NAMES,
       unlabeled=examples_with_ids(builder, unlabeled_split,
-                                  _subset_or_all(unlabeled_ids, unlabeled_pool)),
+                                  subsets.subset_or_all(unlabeled_ids, unlabeled_pool)),
       num_unlabeled=len(unlabeled_ids),
   )
