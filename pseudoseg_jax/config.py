@@ -8,6 +8,7 @@ values the trainer cannot honour, naming the field.
 from __future__ import annotations
 
 import difflib
+import os
 
 import ml_collections
 
@@ -233,17 +234,44 @@ MODEL_IDENTITY_FIELDS = ("model.backbone", "model.deep_stem", "model.resnet_vari
                          "model.aspp_channels",
                          "model.decoder_channels", "model.low_level_channels",
                          "model.sgc_attention_dim", "data.num_classes", "optimizer.name")
+# Fields that decide what the run learns from: resuming a workdir with other values would train one
+# model on two datasets. The split list is compared by file name, so a workdir moved to a machine
+# where the lists live elsewhere still resumes.
+DATA_IDENTITY_FIELDS = ("data.name", "data.train_split", "data.unlabeled_split",
+                        "data.labeled_list", "data.num_labeled", "data.labeled_fraction",
+                        "data.split_seed", "data.unlabeled_includes_labeled")
+# Fields that a resume may change, but with which it no longer equals an uninterrupted run.
+STREAM_FIELDS = ("method", "seed", "batch_size", "pseudoseg.unlabeled_batch_size", "crop_size",
+                 "scales", "data.shuffle_buffer")
 
 
-def model_identity(config_dict: dict) -> dict:
-  """The values of MODEL_IDENTITY_FIELDS in a (possibly JSON-loaded) config dict."""
+def _field_values(config_dict: dict, names: tuple) -> dict:
+  """The values of `names` in a (possibly JSON-loaded) config dict."""
   defaults = base_config().to_dict()
-  identity = {}
-  for name in MODEL_IDENTITY_FIELDS:
+  values = {}
+  for name in names:
     value, default = config_dict, defaults
     for part in name.split("."):
       value = value.get(part) if isinstance(value, dict) else None
       default = default[part]
     # A field added after the run was written had its default then.
-    identity[name] = default if value is None else value
-  return identity
+    value = default if value is None else value
+    values[name] = list(value) if isinstance(value, tuple) else value
+  return values
+
+
+def model_identity(config_dict: dict) -> dict:
+  """The values of MODEL_IDENTITY_FIELDS in a (possibly JSON-loaded) config dict."""
+  return _field_values(config_dict, MODEL_IDENTITY_FIELDS)
+
+
+def data_identity(config_dict: dict) -> dict:
+  """The values of DATA_IDENTITY_FIELDS, the split list by its file name."""
+  values = _field_values(config_dict, DATA_IDENTITY_FIELDS)
+  values["data.labeled_list"] = os.path.basename(values["data.labeled_list"])
+  return values
+
+
+def stream_settings(config_dict: dict) -> dict:
+  """The values of STREAM_FIELDS."""
+  return _field_values(config_dict, STREAM_FIELDS)

@@ -74,26 +74,36 @@ def previously_skipped_steps(workdir: str) -> int:
 
 
 def check_workdir_matches(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """A workdir belongs to one model: resuming it with another would mix incompatible weights."""
+  """A workdir belongs to one model trained on one dataset: resuming it with another would mix
+  incompatible weights or data. Changes that only break bit-exact resumption are warned about."""
   path = os.path.join(workdir, CONFIG_FILE)
   if not os.path.exists(path):
     return
   try:
     with open(path) as f:
       saved = json.load(f)
-  except (OSError, json.JSONDecodeError) as error:
+    if not isinstance(saved, dict):
+      raise ValueError("not a JSON object")
+  except (OSError, ValueError) as error:
     raise ValueError(f"Cannot read {path} ({error}); it should hold the config of the run "
                      "that wrote this workdir.") from error
-  current = config_lib.model_identity(config.to_dict())
-  for field, saved_value in config_lib.model_identity(saved).items():
-    if _normalize(saved_value) != _normalize(current[field]):
-      raise ValueError(
-          f"{path} holds a run with {field}={saved_value!r}, but the config asks for "
-          f"{current[field]!r}. Use a new --workdir for a different model or optimizer.")
-
-
-def _normalize(value):
-  return list(value) if isinstance(value, tuple) else value
+  current = config.to_dict()
+  for identity, what in ((config_lib.model_identity, "model or optimizer"),
+                         (config_lib.data_identity, "dataset")):
+    saved_values, current_values = identity(saved), identity(current)
+    for field, saved_value in saved_values.items():
+      if saved_value != current_values[field]:
+        raise ValueError(
+            f"{path} holds a run with {field}={saved_value!r}, but the config asks for "
+            f"{current_values[field]!r}. Use a new --workdir for a different {what}; nothing in "
+            f"{workdir} was changed.")
+  saved_values, current_values = (config_lib.stream_settings(saved),
+                                  config_lib.stream_settings(current))
+  changed = [f"{field}: {saved_values[field]!r} -> {current_values[field]!r}"
+             for field in saved_values if saved_values[field] != current_values[field]]
+  if changed:
+    log.warning("Resuming %s with changed %s: the run continues, but will not equal one that "
+                "ran uninterrupted with either config.", workdir, "; ".join(changed))
 
 
 def write_json(path: str, payload: dict) -> None:
@@ -130,21 +140,22 @@ def training_batches(config: ml_collections.ConfigDict, source: datasets.Source,
   """Iterator of this process's batches: {'image', 'mask', ...} for the supervised method,
   {'labeled': ..., 'unlabeled': ...} for PseudoSeg.
 
-  The streams' seed includes the start step so that a resumed run does not replay the batches it
-  has already trained on.
+  The streams are indexed by step: started at `start_step` (a resumed run) they yield exactly the
+  batches an uninterrupted run trains on from there, so the restored step is the data position.
   """
   common = dict(crop_size=config.crop_size, scales=tuple(config.scales),
                 ignore_label=config.data.ignore_label, num_classes=config.data.num_classes,
                 process_index=jax.process_index(), process_count=jax.process_count(),
-                shuffle_buffer=config.data.shuffle_buffer)
+                shuffle_buffer=config.data.shuffle_buffer, seed=config.seed,
+                start_batch=start_step)
   labeled = pipeline.as_numpy_batches(pipeline.labeled_stream(
-      source.labeled, seed=(config.seed, start_step),
+      source.labeled, num_examples=source.num_labeled,
       batch_size=sharding.per_process_batch_size(config.batch_size, mesh, "batch_size"),
       **common))
   if config.method != "pseudoseg":
     return labeled
   unlabeled = pipeline.as_numpy_batches(pipeline.unlabeled_stream(
-      source.unlabeled, seed=(config.seed, start_step),
+      source.unlabeled, num_examples=source.num_unlabeled,
       batch_size=sharding.per_process_batch_size(config.pseudoseg.unlabeled_batch_size, mesh,
                                                  "pseudoseg.unlabeled_batch_size"),
       strong_augment=config.pseudoseg.strong_augment, cutout_size=config.pseudoseg.cutout_size,

@@ -48,14 +48,35 @@ def _jsonable(value):
   return value
 
 
+def _metric_records(path: str) -> list[tuple[str, dict]]:
+  """(line, record) of each line of metrics.jsonl. A last line that is not JSON is the torn
+  append of a process killed while writing it: dropped. Any other bad line is an error naming
+  the file and line, since dropping it would lose history silently."""
+  with open(path) as f:
+    lines = [line for line in f if line.strip()]
+  records = []
+  for number, line in enumerate(lines, start=1):
+    try:
+      record = json.loads(line)
+      if not isinstance(record, dict) or "step" not in record:
+        raise ValueError("not a JSON object with a 'step'")
+    except ValueError as error:
+      if number == len(lines) and not line.endswith("\n"):
+        break
+      raise ValueError(f"{path}, line {number}, is not a metrics record ({error}): "
+                       f"{line[:80]!r}. Fix or remove that line to resume.") from error
+    records.append((line if line.endswith("\n") else line + "\n", record))
+  return records
+
+
 def truncate_metrics(workdir: str, last_step: int) -> None:
   """Drops lines logged after `last_step` (the restored checkpoint) so a resumed run's curves have
-  no duplicate steps. Written to a temporary file and renamed: the file is never half-written."""
+  no duplicate steps, and a torn last line. Written to a temporary file and renamed: the file is
+  never half-written."""
   path = os.path.join(workdir, METRICS_FILE)
   if not os.path.exists(path):
     return
-  with open(path) as f:
-    kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= last_step]
+  kept = [line for line, record in _metric_records(path) if record["step"] <= last_step]
   with open(path + ".tmp", "w") as f:
     f.writelines(kept)
   os.replace(path + ".tmp", path)
@@ -66,8 +87,7 @@ def read_metrics(workdir: str) -> list[dict]:
   path = os.path.join(workdir, METRICS_FILE)
   if not os.path.exists(path):
     return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return [record for _, record in _metric_records(path)]
 
 
 def write_png(path: str, image: np.ndarray) -> None:

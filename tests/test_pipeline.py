@@ -103,11 +103,12 @@ def test_labeled_stream_shards_are_disjoint_across_processes():
 
 def test_stream_seeds_differ_by_seed_process_and_stream():
   def seeds(s, p, tag=0):
-    shuffle_seed, key = pipeline.stream_seeds(s, p, stream_tag=tag)
-    return shuffle_seed, tuple(key.numpy())
+    shuffle_key, augment_key = pipeline.stream_seeds(s, p, stream_tag=tag)
+    return tuple(shuffle_key.numpy()), tuple(augment_key.numpy())
   keys = {seeds(s, p) for s, p in [(0, 0), (0, 1), (1, 0), ((0, 5), 0)]}
   keys.add(seeds(0, 0, pipeline.UNLABELED_STREAM_TAG))
   assert len(keys) == 5
+  assert seeds(0, 0) == seeds(0, 0)
 
 
 # ----------------------------------------------------------------------------- unlabeled stream
@@ -143,6 +144,51 @@ def test_training_streams_are_a_function_of_the_seed(make_batches, image_key):
   other = make_batches(2, seed=(3, 101))
   tf.nest.map_structure(np.testing.assert_array_equal, first, again)
   assert not np.array_equal(first[0][image_key], other[0][image_key])
+
+
+# Batch size 3 over a shard of 8 (or 4): epochs end inside batches, and start batches 1-7 land in
+# the first, second and later epochs, before and after the shuffle buffer (4) has filled.
+@pytest.mark.parametrize("make_batches", [labeled_batches, unlabeled_batches])
+@pytest.mark.parametrize("process_index, process_count", [(0, 1), (1, 2)])
+def test_a_stream_started_at_batch_k_equals_the_uninterrupted_stream_from_k(
+    make_batches, process_index, process_count):
+  kwargs = dict(batch_size=3, shuffle_buffer=4, seed=11, process_index=process_index,
+                process_count=process_count)
+  uninterrupted = make_batches(9, **kwargs)
+  for start_batch in (1, 3, 4, 7):
+    resumed = make_batches(9 - start_batch, start_batch=start_batch, **kwargs)
+    tf.nest.map_structure(np.testing.assert_array_equal, uninterrupted[start_batch:], resumed)
+
+
+def test_a_stream_seeks_the_same_without_a_known_cardinality():
+  sizes = [(10 + i, 12) for i in range(7)]
+  kwargs = dict(batch_size=2, shuffle_buffer=3, scales=(1.0,))
+  uninterrupted = labeled_batches(6, source=variable_size_source(sizes), **kwargs)
+  assert variable_size_source(sizes).cardinality() == tf.data.UNKNOWN_CARDINALITY
+  counted = labeled_batches(3, source=variable_size_source(sizes), start_batch=3, **kwargs)
+  told = labeled_batches(3, source=variable_size_source(sizes), start_batch=3, num_examples=7,
+                         **kwargs)
+  tf.nest.map_structure(np.testing.assert_array_equal, uninterrupted[3:], counted)
+  tf.nest.map_structure(np.testing.assert_array_equal, uninterrupted[3:], told)
+
+
+def test_a_cached_source_is_read_once_however_many_epochs_the_stream_runs():
+  reads = []
+
+  def count_read(image):
+    reads.append(1)
+    return image
+
+  source = labeled_source().map(lambda ex: {**ex, "image": tf.ensure_shape(
+      tf.numpy_function(count_read, [ex["image"]], tf.uint8), [16, 16, 3])}).cache()
+  labeled_batches(8, source=source, num_examples=8)  # Four epochs of 8 examples.
+  assert len(reads) == 8
+
+
+def test_a_process_without_examples_is_refused():
+  with pytest.raises(ValueError, match=r"Process 2 of 3 has no training examples: the source "
+                                       r"holds 2"):
+    labeled_batches(1, source=labeled_source(num_examples=2), process_index=2, process_count=3)
 
 
 def test_unlabeled_stream_differs_from_the_labeled_stream_on_the_same_source():

@@ -50,8 +50,12 @@ UNLABELED_STREAM_TAG = 0x756E6C62
 def labeled_stream(dataset: tf.data.Dataset, *, batch_size: int, crop_size: augment.CropSize,
                    scales: Sequence[float] = augment.DEFAULT_SCALES, ignore_label: int,
                    num_classes: int, seed: Seed, process_index: int = 0, process_count: int = 1,
-                   shuffle_buffer: int = 2_048) -> tf.data.Dataset:
+                   shuffle_buffer: int = 2_048, start_batch: int = 0,
+                   num_examples: Optional[int] = None) -> tf.data.Dataset:
   """Infinite stream of augmented labeled batches; a deterministic function of (seed, process).
+
+  Batch k of the stream is the same whatever `start_batch` the stream starts from (see
+  `_training_stream`), which is what makes a resumed run identical to an uninterrupted one.
 
   Yields {'image': float32 [B, h, w, 3] in [-1, 1], 'mask': int32 [B, h, w],
   'valid': int32 [B, h, w] (1 = real pixel, 0 = padding),
@@ -63,15 +67,18 @@ def labeled_stream(dataset: tf.data.Dataset, *, batch_size: int, crop_size: augm
       num_classes=num_classes)
   return _training_stream(
       dataset, _image_and_mask, augment_example, batch_size=batch_size, seed=seed,
-      process_index=process_index, process_count=process_count, shuffle_buffer=shuffle_buffer)
+      process_index=process_index, process_count=process_count, shuffle_buffer=shuffle_buffer,
+      start_batch=start_batch, num_examples=num_examples)
 
 
 def unlabeled_stream(dataset: tf.data.Dataset, *, batch_size: int, crop_size: augment.CropSize,
                      scales: Sequence[float] = augment.DEFAULT_SCALES, ignore_label: int,
                      num_classes: int, seed: Seed, process_index: int = 0,
                      process_count: int = 1, shuffle_buffer: int = 2_048,
-                     strong_augment: bool = True, cutout_size: int = 0) -> tf.data.Dataset:
-  """Infinite stream of (weak, strong) view pairs; a deterministic function of (seed, process).
+                     strong_augment: bool = True, cutout_size: int = 0, start_batch: int = 0,
+                     num_examples: Optional[int] = None) -> tf.data.Dataset:
+  """Infinite stream of (weak, strong) view pairs; a deterministic function of (seed, process),
+  which `start_batch` seeks into as in `labeled_stream`.
 
   Yields, with (h, w) = crop_size and B = batch_size:
     'weak_image': float32 [B, h, w, 3] in [-1, 1]: scale, pad, crop, flip.
@@ -93,7 +100,7 @@ def unlabeled_stream(dataset: tf.data.Dataset, *, batch_size: int, crop_size: au
   return _training_stream(
       dataset, read_example, augment_example, batch_size=batch_size, seed=seed,
       stream_tag=UNLABELED_STREAM_TAG, process_index=process_index, process_count=process_count,
-      shuffle_buffer=shuffle_buffer)
+      shuffle_buffer=shuffle_buffer, start_batch=start_batch, num_examples=num_examples)
 
 
 def augment_labeled_example(example, seed, *, crop_size: augment.CropSize,
@@ -142,8 +149,8 @@ def augment_unlabeled_example(example, seed, *, crop_size: augment.CropSize,
   }
 
 
-def stream_seeds(seed: Seed, process_index: int, stream_tag: int = 0):
-  """(shuffle seed: Python int, augmentation key: int64 [2]), both derived from (seed, process).
+def stream_seeds(seed: Seed, process_index: int, stream_tag: int = 0) -> tuple:
+  """(shuffle key, augmentation key): int64 [2] each, derived from (seed, process, stream).
 
   The process index is mixed in so that hosts do not draw identical crops at the same step; a
   nonzero `stream_tag` too, so that different streams of one run differ.
@@ -152,24 +159,59 @@ def stream_seeds(seed: Seed, process_index: int, stream_tag: int = 0):
   parts = [int(p) % 2**63 for p in parts] + [int(process_index)]
   if stream_tag:
     parts.append(int(stream_tag))
-  shuffle_seed = int(np.random.SeedSequence(parts + [0]).generate_state(1, np.uint32)[0])
   key = tf.constant([parts[0], 1], tf.int64)
   for part in parts[1:]:
     key = tf.random.experimental.stateless_fold_in(key, tf.constant(part, tf.int64))
-  return shuffle_seed, key
+  shuffle_key, augment_key = tf.unstack(tf.random.experimental.stateless_split(key, num=2))
+  return shuffle_key, augment_key
+
+
+def epoch_shuffle_seed(shuffle_key, epoch):
+  """The shuffle seed of one epoch: a function of (key, epoch) alone, so any epoch can be
+  started without replaying the ones before it."""
+  epoch_key = tf.random.experimental.stateless_fold_in(shuffle_key, epoch)
+  return tf.random.stateless_uniform([], seed=epoch_key, minval=0, maxval=tf.int64.max,
+                                     dtype=tf.int64)
+
+
+def shard_size(num_examples: int, process_index: int, process_count: int) -> int:
+  """How many examples `Dataset.shard(process_count, process_index)` keeps."""
+  return len(range(process_index, num_examples, process_count))
 
 
 def _training_stream(dataset: tf.data.Dataset, read_example: Callable, augment_example: Callable,
                      *, batch_size: int, seed: Seed, process_index: int, process_count: int,
-                     shuffle_buffer: int, stream_tag: int = 0) -> tf.data.Dataset:
-  """Shard, shuffle, repeat, then `augment_example(example, seed)` with a seed per element."""
+                     shuffle_buffer: int, stream_tag: int = 0, start_batch: int = 0,
+                     num_examples: Optional[int] = None) -> tf.data.Dataset:
+  """Shard, shuffle each epoch, then `augment_example(example, seed)` with a seed per element.
+
+  Indexed by position: element i of this process's stream (epoch i // n, n = shard size) comes
+  from that epoch's own shuffle seed and is augmented with a key folded from i. Starting at
+  `start_batch` opens the epoch it falls in and skips into it, reading (not augmenting) less than
+  one epoch of the shard; the batches are bit-identical to those of a stream started at 0. No
+  iterator state needs saving: the step number in the checkpoint is the data position.
+  `num_examples` (the whole source's, before sharding) saves a counting pass where tf.data does
+  not know the cardinality.
+  """
   hide_tensorflow_from_accelerators()  # Before the first TF op below initializes the runtime.
-  shuffle_seed, augment_key = stream_seeds(seed, process_index, stream_tag)
-  ds = dataset.shard(process_count, process_index)  # Before shuffle/repeat: disjoint per process.
-  ds = ds.map(read_example, num_parallel_calls=AUTOTUNE, deterministic=True)
-  ds = ds.shuffle(shuffle_buffer, seed=shuffle_seed, reshuffle_each_iteration=True).repeat()
-  # The running element index (over all epochs) gives every example its own augmentation seed.
-  ds = ds.enumerate()
+  if num_examples is None:
+    num_examples = count_examples(dataset)
+  examples_per_epoch = shard_size(num_examples, process_index, process_count)
+  if examples_per_epoch < 1:
+    raise ValueError(f"Process {process_index} of {process_count} has no training examples: the "
+                     f"source holds {num_examples}, fewer than the processes reading it.")
+  shuffle_key, augment_key = stream_seeds(seed, process_index, stream_tag)
+  start = start_batch * batch_size
+  start_epoch, skip_in_epoch = divmod(start, examples_per_epoch)
+  shard = dataset.shard(process_count, process_index)  # Before shuffling: disjoint per process.
+  shard = shard.map(read_example, num_parallel_calls=AUTOTUNE, deterministic=True)
+
+  def one_epoch(epoch):
+    return shard.shuffle(shuffle_buffer, seed=epoch_shuffle_seed(shuffle_key, epoch),
+                         reshuffle_each_iteration=False)
+
+  ds = tf.data.Dataset.range(start_epoch, np.iinfo(np.int64).max).flat_map(one_epoch)
+  ds = ds.skip(skip_in_epoch).enumerate(start=start)
 
   def augment_indexed(index, example):
     return augment_example(example, tf.random.experimental.stateless_fold_in(augment_key, index))
