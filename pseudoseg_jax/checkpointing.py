@@ -1,42 +1,173 @@
-"""The one place that knows orbax: save, keep the last N, restore the latest into a given state.
+"""The one place that knows orbax: save, keep the last N, restore the latest (or a given step).
 
-The state is stored as a nested dict of arrays (flax's state-dict form), so any pytree of the trainer
-can be saved and the checkpoint is readable without our classes. Before restoring, the saved shapes
-are compared with the expected ones, so a workdir holding a different model gives an error naming the
-checkpoint and the first mismatching tensors instead of an orbax traceback or a silent partial load.
+The state is stored as a nested dict of arrays (flax's state-dict form), readable without our
+classes. What callers can rely on, each tested in tests/test_checkpointing.py:
+- Saves are atomic: orbax writes STEP.orbax-checkpoint-tmp and renames it to STEP when complete, so
+  a run killed at any moment (kill -9) keeps its complete checkpoints and resumes from the latest.
+  Leftover temporary folders are never taken for checkpoints; a writing manager sweeps them away.
+  Keeping the last N deletes older checkpoints only once the new one is complete.
+- A failed save (a full disk ...) raises CheckpointSaveFailed naming the step, the folder, the
+  cause and the complete steps, from `wait_until_finished` or the next `save` (writes run in the
+  background: use these two, not the manager's own). The manager can save again afterwards.
+- Restoring changes nothing on disk. A checkpoint that cannot be read whole raises CheckpointCorrupt
+  naming it, the problem and the older steps, and nothing of it is loaded: tensorstore refuses
+  missing or truncated data, and a CRC32 per array, saved with it, catches bytes changed in place
+  (zstd decodes those silently to other numbers). Another model's checkpoint raises ValueError
+  naming the first mismatching tensors.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any
+import re
+import zlib
+from typing import Any, Callable
 
 import flax
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+_CHECKSUMS_KEY = "dtype_and_crc32_by_path"  # In STEP/_CHECKPOINT_METADATA (custom metadata).
+
+
+class CheckpointCorrupt(ValueError):
+  """A checkpoint folder exists but cannot be read back whole; nothing was loaded from it."""
+
+
+class CheckpointSaveFailed(OSError):
+  """Writing a checkpoint failed (a full disk ...); the complete checkpoints are untouched."""
+
 
 def checkpoint_dir(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir), "checkpoints")
 
 
-def make_manager(workdir: str, keep: int) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+def make_manager(workdir: str, keep: int | None, read_only: bool = False):
+  """The manager of WORKDIR/checkpoints, keeping the last `keep` checkpoints.
+
+  read_only: for readers (inference) that may run beside a trainer. It creates and deletes
+  nothing, so it never sweeps away the trainer's save in progress as a leftover.
+  """
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=None if read_only else keep, create=not read_only, read_only=read_only,
+      cleanup_tmp_directories=not read_only)
   # Naming the handler lets a new manager (a resumed run) read the saved tree's metadata.
   return ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
                                item_handlers=ocp.StandardCheckpointHandler())
 
 
-def save(manager: ocp.CheckpointManager, step: int, state: Any) -> None:
-  """Saves asynchronously; orbax writes to a temporary folder and renames it when complete,
-  so an interrupted save never replaces the previous checkpoint."""
-  manager.save(step, args=ocp.args.StandardSave(flax.serialization.to_state_dict(state)))
+# ---------------------------------------------------------------- saving
+def save(manager, step: int, state: Any) -> None:
+  """Starts writing `state` as checkpoint `step`; the files are written in the background.
+
+  Raises CheckpointSaveFailed when the previous save (waited for first) or this one fails.
+  """
+  wait_until_finished(manager)
+  state_dict = flax.serialization.to_state_dict(state)
+  try:
+    manager.save(step, args=ocp.args.StandardSave(state_dict),
+                 custom_metadata={_CHECKSUMS_KEY: _checksums(state_dict)})
+  except Exception as error:
+    raise _save_failed(manager, step, error) from error
 
 
-def _shapes_by_path(tree: Any) -> dict:
-  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {jax.tree_util.keystr(path): tuple(np.shape(leaf)) for path, leaf in flat}
+def wait_until_finished(manager) -> None:
+  """Blocks until the save in progress, if any, is complete; CheckpointSaveFailed if it failed."""
+  in_progress = manager.latest_step()  # orbax lists a step from the start of its save.
+  try:
+    manager.wait_until_finished()
+  except Exception as error:
+    raise _save_failed(manager, in_progress, error) from error
+
+
+def _save_failed(manager, step: int | None, error: Exception) -> CheckpointSaveFailed:
+  _ready_for_another_save(manager)
+  complete = sorted(manager.all_steps())
+  resume = f"step {complete[-1]}" if complete else "the start"
+  return CheckpointSaveFailed(
+      f"Saving checkpoint {step} in {manager.directory} failed: {_one_line(error)}\n"
+      f"The complete checkpoints are untouched: steps {_listed(complete)}. Fix the cause (free "
+      f"disk space?) and rerun the same command: it resumes from {resume}.")
+
+
+def _ready_for_another_save(manager) -> None:
+  """orbax keeps a failed save's errors in several places (manager, background writer, metadata
+  store) and raises one per call: collect them all, or the next save fails on a stale one. Then
+  list the steps on disk again: orbax dropped the one it was to delete after the failed save."""
+  writer = getattr(manager, "_checkpointer", None)  # Private; its wait is reachable only here.
+  for wait in filter(None, (manager.wait_until_finished,
+                            getattr(writer, "wait_until_finished", None),
+                            manager.check_for_errors)):
+    for _ in range(4):
+      try:
+        wait()
+        break
+      except Exception:  # pylint: disable=broad-except
+        continue
+  manager.reload()
+
+
+def _checksums(tree: Any) -> dict[str, list]:
+  """[dtype, CRC32 of the bytes] of each array, by path; arrays split over other hosts are left
+  out."""
+  readable = jax.tree.map(
+      lambda x: x if not isinstance(x, jax.Array) or x.is_fully_addressable
+      or x.is_fully_replicated else None, tree)
+  return _by_path(jax.device_get(readable), lambda x: [
+      str(np.asarray(x).dtype), zlib.crc32(np.ascontiguousarray(x).reshape(-1).view(np.uint8))])
+
+
+# ---------------------------------------------------------------- restoring
+def restore_latest(manager, target: Any, step: int | None = None) -> Any | None:
+  """Restores the latest checkpoint, or `step`, into the structure, shapes and shardings of
+  `target`. Returns None when there is none (and no step was asked for).
+
+  Raises FileNotFoundError for a step not kept, ValueError when the checkpoint was written for
+  another model, CheckpointCorrupt when it cannot be read whole. Changes nothing on disk.
+  """
+  kept = sorted(manager.all_steps())
+  step = manager.latest_step() if step is None else step
+  if step is None:
+    return None
+  if step not in kept:
+    raise FileNotFoundError(f"There is no checkpoint {step} in {manager.directory}; kept steps: "
+                            f"{_listed(kept)}.")
+  try:
+    metadata = manager.metadata(step)
+    saved_shapes = _by_path(metadata.item_metadata, lambda x: tuple(np.shape(x)))
+  except Exception as error:
+    raise _corrupt(manager, step, f"its metadata: {_one_line(error)}") from error
+  if not saved_shapes:
+    raise _corrupt(manager, step, "its metadata lists no arrays (default/_METADATA missing?)")
+  target_dict = flax.serialization.to_state_dict(target)
+  expected_shapes = _by_path(target_dict, lambda x: tuple(np.shape(x)))
+  if saved_shapes != expected_shapes:
+    raise ValueError(
+        f"The checkpoint {os.path.join(manager.directory, str(step))} was written for a "
+        "different model or optimizer than the config asks for:\n  "
+        f"{_describe_mismatch(expected_shapes, saved_shapes)}\n"
+        "Use a new --workdir, or the config that wrote this one (see config.json there).")
+  abstract = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+      target_dict)
+  try:
+    restored = manager.restore(step, args=ocp.args.StandardRestore(abstract))
+  except Exception as error:
+    raise _corrupt(manager, step, _one_line(error)) from error
+  damaged = _damaged_arrays(metadata, restored)
+  if damaged:
+    raise _corrupt(manager, step, f"the bytes of {', '.join(damaged[:3])}{_more(damaged, 3)} "
+                   "differ from the CRC32 saved with them")
+  return flax.serialization.from_state_dict(target, restored)
+
+
+def _damaged_arrays(metadata, restored: Any) -> list[str]:
+  expected = (metadata.custom_metadata or {}).get(_CHECKSUMS_KEY) or {}  # {}: saved before them.
+  actual = _checksums(restored) if expected else {}
+  # An array restored to another dtype than saved (a cast) has other bytes: not compared.
+  return sorted(path for path, (dtype, crc) in expected.items()
+                if path in actual and actual[path][0] == dtype and actual[path][1] != crc)
 
 
 def _describe_mismatch(expected: dict, saved: dict, limit: int = 5) -> str:
@@ -47,33 +178,46 @@ def _describe_mismatch(expected: dict, saved: dict, limit: int = 5) -> str:
                     key=lambda p: (not p.startswith("['params']"), p))
   lines = []
   if missing:
-    lines.append(f"missing in checkpoint: {missing[:limit]}" + (" ..." if len(missing) > limit else ""))
+    lines.append(f"missing in checkpoint: {missing[:limit]}" + _more(missing, limit))
   if unexpected:
-    lines.append(f"not in this model: {unexpected[:limit]}" + (" ..." if len(unexpected) > limit else ""))
+    lines.append(f"not in this model: {unexpected[:limit]}" + _more(unexpected, limit))
   for path in reshaped[:limit]:
     lines.append(f"shape of {path}: checkpoint {saved[path]} vs model {expected[path]}")
   return "\n  ".join(lines)
 
 
-def restore_latest(manager: ocp.CheckpointManager, target: Any) -> Any | None:
-  """Restores the latest checkpoint into the structure, shapes and shardings of `target`.
+def _corrupt(manager, step: int, problem: str) -> CheckpointCorrupt:
+  path = os.path.join(manager.directory, str(step))
+  others = sorted(s for s in manager.all_steps() if s != step)
+  older = [s for s in others if s < step]
+  workdir = os.path.dirname(str(manager.directory))
+  advice = (f"To use step {older[-1]} instead, move this folder out of the way (e.g. `mv {path} "
+            f"{workdir}/damaged_checkpoint_{step}`) and rerun." if older
+            else "No older checkpoint is kept here.")
+  return CheckpointCorrupt(
+      f"The checkpoint {path} (step {step}) cannot be read: {problem}\n"
+      f"Other checkpoints: steps {_listed(others)}. {advice} Nothing on disk was changed.")
 
-  Returns None when there is no checkpoint. Raises ValueError when the checkpoint does not fit.
-  """
-  step = manager.latest_step()
-  if step is None:
-    return None
-  path = os.path.join(str(manager.directory), str(step))
-  target_dict = flax.serialization.to_state_dict(target)
-  saved_shapes = _shapes_by_path(manager.item_metadata(step))
-  expected_shapes = _shapes_by_path(target_dict)
-  if saved_shapes != expected_shapes:
-    raise ValueError(
-        f"The checkpoint {path} was written for a different model or optimizer than the config "
-        f"asks for:\n  {_describe_mismatch(expected_shapes, saved_shapes)}\n"
-        "Use a new --workdir, or the config that wrote this one (see config.json there).")
-  abstract = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
-      target_dict)
-  restored = manager.restore(step, args=ocp.args.StandardRestore(abstract))
-  return flax.serialization.from_state_dict(target, restored)
+
+# ---------------------------------------------------------------- small helpers
+def _by_path(tree: Any, fn: Callable) -> dict:
+  return {jax.tree_util.keystr(path): fn(leaf)
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _one_line(error: BaseException) -> str:
+  """The gist of an orbax / tensorstore error: the first line of its root cause (orbax wraps some
+  in a bare Exception), without tensorstore's spec dump."""
+  while error.__cause__ is not None:
+    error = error.__cause__
+  text = (str(error).strip() or type(error).__name__).splitlines()[0]
+  text = re.sub(r"\s*\[tensorstore_spec=.*", "", text)
+  return text if len(text) <= 400 else text[:400] + " ..."
+
+
+def _more(items: list, limit: int) -> str:
+  return " ..." if len(items) > limit else ""
+
+
+def _listed(steps: list) -> str:
+  return ", ".join(map(str, steps)) or "none"

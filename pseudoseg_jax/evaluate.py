@@ -7,6 +7,8 @@ Prints a per-class IoU table (class, IoU, ground-truth pixels) and writes W/eval
 {"split", "step", "scales", "flip", "miou", "iou_per_class", "class_names", "pixel_accuracy",
 "pixels_per_class", "checkpoint", "inference"}. results.json is never touched. A later run on
 the same split replaces eval_SPLIT.json (its "scales" and "flip" say which evaluation it holds).
+SPLIT must be a plain name (letters, digits, '_', '.', '-'): a path such as '../x' is refused, so
+the file always lands in W.
 
 Single scale without flip (the default) evaluates exactly as training does: the same eval stream
 (whole images padded bottom/right to config.eval_crop_size), the same jitted steps.eval_step, the
@@ -38,6 +40,7 @@ from pseudoseg_jax.data import augment, datasets, pipeline  # noqa: E402
 from pseudoseg_jax.writers import log  # noqa: E402
 
 LARGER_THAN_CROP = "larger than the eval crop"  # pipeline.pad_eval_example's message.
+SPLIT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
 def eval_config(config: ml_collections.ConfigDict, split: str | None) -> ml_collections.ConfigDict:
@@ -53,9 +56,17 @@ def eval_config(config: ml_collections.ConfigDict, split: str | None) -> ml_coll
   return config
 
 
+def check_split_name(split: str, where: str = "--split") -> str:
+  """`split` if it is a plain split name; it becomes part of a file name in the workdir, so a
+  path ('../x', '/tmp/x') is refused rather than quietly rewritten."""
+  if not SPLIT_NAME.fullmatch(split):
+    raise ValueError(f"{where}={split!r} is not a split name: use letters, digits, '_', '.' and "
+                     f"'-', starting with a letter or digit (e.g. 'validation', 'train_aug').")
+  return split
+
+
 def results_path(workdir: str, split: str) -> str:
-  safe = re.sub(r"[^A-Za-z0-9._-]+", "_", split).strip("._") or "split"
-  return os.path.join(workdir, f"eval_{safe}.json")
+  return os.path.join(workdir, f"eval_{check_split_name(split, 'split')}.json")
 
 
 # ---------------------------------------------------------------- the training's evaluation
@@ -122,10 +133,12 @@ def run(workdir: str, *, split: str | None = None, scales: Sequence[float] = (1.
   from pseudoseg_jax.train import write_json  # The trainer's atomic JSON writer.
 
   started = time.perf_counter()
+  if split:
+    check_split_name(split)  # Before the restore: a bad flag costs nothing.
   scales = tuple(float(s) for s in scales)
   model = inference.restore(workdir, checkpoint)
   config = eval_config(model.config, split)
-  split = config.data.eval_split
+  split = check_split_name(config.data.eval_split, "config.data.eval_split")
   source = datasets.load_source(config)
   log.info("Evaluating step %d on %s split '%s' (%d images), scales %s%s.", model.step,
            config.data.name, split, source.num_eval, list(scales), " + flip" if flip else "")

@@ -139,20 +139,6 @@ def resolve_checkpoint(workdir: str, checkpoint: str | None) -> tuple[str, int |
   return os.path.dirname(parent), int(step)
 
 
-class _PinnedStep:
-  """A checkpoint manager whose "latest" step is `step`: lets checkpointing.restore_latest, with
-  its shape checks, restore any kept step (checkpointing.py stays the one module knowing orbax)."""
-
-  def __init__(self, manager, step: int):
-    self._manager, self._step = manager, step
-
-  def latest_step(self) -> int:
-    return self._step
-
-  def __getattr__(self, name):
-    return getattr(self._manager, name)
-
-
 # ---------------------------------------------------------------- restoring
 @dataclasses.dataclass(frozen=True)
 class TrainedModel:
@@ -191,17 +177,15 @@ def restore(workdir: str, checkpoint: str | None = None, mesh=None) -> TrainedMo
     raise FileNotFoundError(f"{folder} does not exist: this workdir has no checkpoint yet.")
   mesh = mesh or sharding.make_mesh()
   graphdef, state = zeros_like_train_state(config, sharding.replicated(mesh))
-  manager = checkpointing.make_manager(checkpoints_workdir, config.keep_checkpoints)
+  # Read-only: a trainer may be writing to this workdir; nothing here is created or deleted.
+  manager = checkpointing.make_manager(checkpoints_workdir, config.keep_checkpoints,
+                                       read_only=True)
   try:
-    kept = sorted(manager.all_steps())
+    step = manager.latest_step() if step is None else step
     if step is None:
-      if not kept:
-        raise FileNotFoundError(f"{folder} holds no checkpoint.")
-      step = kept[-1]
-    elif step not in kept:
-      raise FileNotFoundError(f"There is no checkpoint {step} in {folder}; kept steps: "
-                              f"{', '.join(map(str, kept)) or 'none'}.")
-    state = checkpointing.restore_latest(_PinnedStep(manager, step), state)
+      raise FileNotFoundError(f"{folder} holds no checkpoint.")
+    # FileNotFoundError naming the kept steps if `step` is not one; CheckpointCorrupt if damaged.
+    state = checkpointing.restore_latest(manager, state, step=step)
   finally:
     manager.close()
   log.info("Restored step %d from %s.", int(state.step), os.path.join(folder, str(step)))

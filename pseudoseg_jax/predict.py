@@ -24,12 +24,13 @@ predicted in sliding windows of the eval crop (see inference.py). Small images a
 photos are not downscaled: a model trained on VOC-sized images sees a 12-megapixel photo's objects
 at a far larger scale than it learned, so resize such photos first if the masks look fragmented.
 
-Names and safety: STEM is the file name without its extension, reduced to letters, digits, '.', '_'
-and '-'; inputs with the same stem (a/x.jpg, b/x.png) get STEM, STEM_2, ... in input order. Nothing
-is written outside DIR: each file goes to a temporary name in DIR and is renamed (a symlink at the
-destination is replaced, never followed), and DIR may not be a folder holding input images, so no
-input is ever overwritten. An image that cannot be read is reported by name and skipped; the others
-are still predicted, and the command then lists the failures and exits with status 1.
+Names and safety: STEM is the file name without its extension, reduced to letters, digits, '.',
+'_' and '-' (at most 200 of them); inputs with the same stem (a/x.jpg, b/x.png) get STEM, STEM_2,
+... in input order. Nothing is written outside DIR: each file goes to a fresh temporary name in DIR
+and is renamed (a symlink at the destination is replaced, never followed), and DIR may not be a
+folder holding input images, so no input is ever overwritten. An image that cannot be read is
+reported by name and skipped; the others are still predicted, and the command then lists the
+failures and exits with status 1.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".
 READ_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 OVERLAY_ALPHA = 0.5
 TRANSPARENT_FILL = (128, 128, 128)
+MAX_STEM_LENGTH = 200
 
 
 # ---------------------------------------------------------------- which files, which names
@@ -91,9 +93,10 @@ def expand_inputs(patterns: Sequence[str]) -> list[str]:
 
 
 def safe_stem(path: str) -> str:
-  """The file name without extension, as a harmless file name (no separators, no leading dot)."""
+  """The file name without extension, as a harmless file name (no separators, no leading dot),
+  short enough that STEM_overlay.jpg and the _N of a repeat stay under the 255-byte name limit."""
   stem = os.path.splitext(os.path.basename(path))[0]
-  return re.sub(r"[^A-Za-z0-9._-]+", "_", stem).lstrip(".") or "image"
+  return re.sub(r"[^A-Za-z0-9._-]+", "_", stem).lstrip(".")[:MAX_STEM_LENGTH] or "image"
 
 
 def unique_stems(paths: Sequence[str]) -> list[str]:

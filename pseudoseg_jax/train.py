@@ -46,7 +46,7 @@ def raise_if_diverged(pending_metrics: list, last_step: int, manager) -> None:
   values = jax.device_get([pending_metrics[index][name] for name in names])
   named = ", ".join(f"{name}={float(value)}" for name, value in zip(names, values)
                     if not np.isfinite(value))
-  manager.wait_until_finished()  # The last good checkpoint, if still being written, completes.
+  checkpointing.wait_until_finished(manager)  # The last good save completes first.
   latest = manager.latest_step()
   kept = (f"the last checkpoint (step {latest}, in {manager.directory}) is untouched"
           if latest is not None else "no checkpoint was written")
@@ -108,9 +108,7 @@ def check_workdir_matches(config: ml_collections.ConfigDict, workdir: str) -> No
 
 def write_json(path: str, payload: dict) -> None:
   """Write-then-rename, so a crash never leaves a truncated file behind."""
-  with open(path + ".tmp", "w") as f:
-    json.dump(payload, f, indent=2)
-  os.replace(path + ".tmp", path)
+  writers.replace_file(path, lambda f: json.dump(payload, f, indent=2))
 
 
 def evaluate(eval_fn, state: steps.TrainState, eval_batches, mesh) -> tuple[dict, np.ndarray]:
@@ -327,12 +325,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       if wants_save:
         checkpointing.save(manager, step, state)
       if preempted:
-        manager.wait_until_finished()
+        checkpointing.wait_until_finished(manager)
         writer.close()
         log.info("Preempted at step %d; rerun the same command to resume.", step)
         # Other processes stop because one was signalled: they exit as if they had been too.
         raise preemption.Preempted(step, stop_signals.received or signal.SIGTERM)
-  manager.wait_until_finished()
+  checkpointing.wait_until_finished(manager)
 
   # ---------------------------------------------------------------- results
   final_step = int(state.step)

@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import secrets
 import sys
 import time
 
@@ -77,9 +78,7 @@ def truncate_metrics(workdir: str, last_step: int) -> None:
   if not os.path.exists(path):
     return
   kept = [line for line, record in _metric_records(path) if record["step"] <= last_step]
-  with open(path + ".tmp", "w") as f:
-    f.writelines(kept)
-  os.replace(path + ".tmp", path)
+  replace_file(path, lambda f: f.writelines(kept))
 
 
 def read_metrics(workdir: str) -> list[dict]:
@@ -93,9 +92,30 @@ def read_metrics(workdir: str) -> list[dict]:
 def write_png(path: str, image: np.ndarray) -> None:
   """uint8 [H, W, 3] to a PNG, written then renamed so that a reader never sees half a file."""
   from PIL import Image
-  with open(path + ".tmp", "wb") as f:
-    Image.fromarray(np.asarray(image, np.uint8)).save(f, format="PNG")
-  os.replace(path + ".tmp", path)
+  replace_file(path, lambda f: Image.fromarray(np.asarray(image, np.uint8)).save(f, format="PNG"),
+               binary=True)
+
+
+def replace_file(path: str, write, *, binary: bool = False) -> None:
+  """write(f) into a new file beside `path`, then renamed over it: a reader never sees half a file
+  (a crash or a full disk leaves the old one whole), and a link at `path` or at a guessable
+  temporary name is replaced, never written through. O_EXCL refuses anything already at the
+  temporary name; the umask sets the mode."""
+  folder = os.path.dirname(os.path.abspath(path))
+  while True:
+    temporary = os.path.join(folder, f".tmp-{secrets.token_hex(8)}-{os.path.basename(path)}")
+    try:
+      handle = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+      break
+    except FileExistsError:
+      continue
+  try:
+    with os.fdopen(handle, "wb" if binary else "w") as f:
+      write(f)
+    os.replace(temporary, path)
+  finally:
+    if os.path.lexists(temporary):
+      os.remove(temporary)
 
 
 def read_tensorboard_images(workdir: str, name: str) -> list[tuple[int, np.ndarray]]:

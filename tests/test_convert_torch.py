@@ -315,6 +315,14 @@ def assert_parity(torch, model, weights, deep_stem, output_stride, label):
       assert relative < 1e-4, (label, size, stage, max_abs, relative)
 
 
+def torch_that_may_read_pickles():
+  """torch, or a skip where it is missing or too old for the converter to trust with pickles."""
+  torch = pytest.importorskip("torch")
+  if torch_resnet.torch_version(torch.__version__) < torch_resnet.MIN_TORCH_FOR_PICKLES:
+    pytest.skip(f"torch {torch.__version__} is refused for .pth files (see torch_resnet)")
+  return torch
+
+
 def torch_weights(torch, model, deep_stem, tmp_path):
   """Through a wrapped, DataParallel-prefixed .pth: the pickle path as users meet it."""
   path = str(tmp_path / "resnet.pth")
@@ -324,7 +332,7 @@ def torch_weights(torch, model, deep_stem, tmp_path):
 
 @pytest.mark.parametrize("output_stride", [16, 8])
 def test_torchvision_resnet50_parity(tmp_path, output_stride):
-  torch = pytest.importorskip("torch")
+  torch = torch_that_may_read_pickles()
   torchvision = pytest.importorskip("torchvision")
   torch.manual_seed(0)
   model = torchvision.models.resnet50(
@@ -350,7 +358,7 @@ def with_deep_stem(torch, model):
 
 @pytest.mark.parametrize("output_stride", [16, 8])
 def test_deep_stem_parity(tmp_path, output_stride):
-  torch = pytest.importorskip("torch")
+  torch = torch_that_may_read_pickles()
   torchvision = pytest.importorskip("torchvision")
   torch.manual_seed(0)
   model = with_deep_stem(torch, torchvision.models.resnet50(
@@ -362,7 +370,7 @@ def test_deep_stem_parity(tmp_path, output_stride):
 
 @pytest.mark.parametrize("output_stride", [16, 8])
 def test_timm_resnet50s_parity(tmp_path, output_stride):
-  torch = pytest.importorskip("torch")
+  torch = torch_that_may_read_pickles()
   timm = pytest.importorskip("timm")
   torch.manual_seed(0)
   model = timm.create_model("resnet50s", pretrained=False, output_stride=output_stride)
@@ -372,7 +380,7 @@ def test_timm_resnet50s_parity(tmp_path, output_stride):
 
 
 def test_timm_resnet50d_is_refused(tmp_path):
-  torch = pytest.importorskip("torch")
+  torch = torch_that_may_read_pickles()
   timm = pytest.importorskip("timm")
   path = str(tmp_path / "resnet50d.pth")
   torch.save(timm.create_model("resnet50d", pretrained=False).state_dict(), path)
@@ -381,7 +389,7 @@ def test_timm_resnet50d_is_refused(tmp_path):
 
 
 def test_torch_pickle_unwraps_and_widens_bfloat16(tmp_path):
-  torch = pytest.importorskip("torch")
+  torch = torch_that_may_read_pickles()
   path = str(tmp_path / "checkpoint.pth")
   values = torch.tensor([1.5, -2.25, 1e20], dtype=torch.bfloat16)
   torch.save({"model": {"backbone.bn1.weight": values}, "epoch": 3}, path)

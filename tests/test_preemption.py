@@ -74,7 +74,7 @@ def run_until_step_then_signal(args, env, step, signal_number):
 
 def final_checkpoint(workdir):
   """The saved state at the last step, as a flat {path: numpy array}."""
-  manager = checkpointing.make_manager(workdir, keep=3)
+  manager = checkpointing.make_manager(workdir, keep=3, read_only=True)
   saved = manager.restore(PREEMPTION_STEPS)
   return {jax.tree_util.keystr(path): np.asarray(leaf)
           for path, leaf in jax.tree_util.tree_flatten_with_path(saved)[0]}

@@ -117,6 +117,17 @@ def test_a_workdir_of_another_model_is_refused_and_kept(cli_run):
     train.run(tiny_config(data_dir, **{"optimizer.name": "sgd"}), workdir)
 
 
+def test_a_workdir_of_another_dataset_is_refused_and_kept(cli_run):
+  data_dir, workdir, _ = cli_run
+  before = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
+  with pytest.raises(ValueError, match=r"holds a run with data.num_labeled=8, but the config asks "
+                                       r"for 16. Use a new --workdir for a different dataset"):
+    train.run(tiny_config(data_dir, **{"data.num_labeled": 16}), workdir)
+  with pytest.raises(ValueError, match=r"data.name='synthetic_shapes/tiny'.*'synthetic_shapes'"):
+    train.run(tiny_config(data_dir, **{"data.name": "synthetic_shapes"}), workdir)
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == before
+
+
 def test_unknown_config_field_on_the_command_line_is_named(tmp_path):
   completed = subprocess.run(
       [sys.executable, "-m", "pseudoseg_jax.main", "--config=configs/demo.py",

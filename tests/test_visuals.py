@@ -87,6 +87,20 @@ def test_metrics_and_png_round_trip(tmp_path):
   assert sorted(os.listdir(tmp_path)) == [writers.METRICS_FILE, "x.png"]  # No .tmp left.
 
 
+def test_a_torn_last_metrics_line_is_dropped_and_a_bad_middle_line_is_named(tmp_path):
+  # A process killed while appending leaves half a line without its newline.
+  path = tmp_path / writers.METRICS_FILE
+  whole = [{"step": 1, "train/loss": 2.0}, {"step": 2, "train/loss": 1.5}]
+  path.write_text("".join(json.dumps(r) + "\n" for r in whole) + '{"step": 3, "train/lo')
+  assert writers.read_metrics(str(tmp_path)) == whole
+  writers.truncate_metrics(str(tmp_path), last_step=2)
+  assert path.read_text() == "".join(json.dumps(r) + "\n" for r in whole)
+  path.write_text('{"step": 1}\nnot json\n{"step": 2}\n')
+  with pytest.raises(ValueError, match=r"metrics.jsonl, line 2, is not a metrics record"):
+    writers.truncate_metrics(str(tmp_path), last_step=2)
+  assert path.read_text() == '{"step": 1}\nnot json\n{"step": 2}\n'  # Left as it was.
+
+
 def test_images_written_to_tensorboard_read_back_exactly(tmp_path):
   writer = writers.MetricWriter(str(tmp_path))
   first = np.full((4, 6, 3), 10, np.uint8)

@@ -14,17 +14,24 @@ Formats (`read_weights` tells them apart by name and content):
   .h5                                Keras applications ResNet50 / ResNet101
   a TF checkpoint prefix (.index)    DeepLab's Xception-65
   .npz                               our own, written by `python -m pseudoseg_jax.convert`
+
+Nothing here unpickles: .npz is read with allow_pickle=False and only plain numeric arrays are
+kept, torch pickles only through torch.load(weights_only=True) on a torch without the known
+weights_only escapes (torch_resnet.py), Keras files with h5py alone (never keras.models.load_model,
+which runs a Lambda layer's marshalled code), TF checkpoints with TF's tensor reader.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 from typing import Mapping
 
 import numpy as np
 
 BackboneWeights = dict  # str -> np.ndarray
 NPZ_SUFFIX = ".npz"
+NUMERIC_KINDS = "biuf"  # bool, signed and unsigned integers, floats: what weights are.
 
 
 def flatten(tree: Mapping, prefix: str = "") -> dict:
@@ -85,16 +92,73 @@ def load_backbone(params: Mapping, batch_stats: Mapping, weights: Mapping, *,
           {**batch_stats, "backbone": _unflatten_into(batch_stats["backbone"], as_model_dtype)})
 
 
-def save_npz(path: str, weights: Mapping) -> None:
-  """Our own format: one array per name; written then renamed, so no half file is left."""
-  temporary = path + ".tmp.npz"
-  np.savez(temporary, **{name: np.asarray(value) for name, value in weights.items()})
-  os.replace(temporary, path)
+def save_npz(path: str, weights: Mapping, *, overwrite: bool = True) -> None:
+  """Our own format: one array per name. Written to a new temporary file beside `path` and then
+  renamed, so no half file is left and a link planted at a temporary name is never written
+  through. With overwrite=False an existing `path`, a dangling link included, is never replaced,
+  even one that appeared while converting (FileExistsError)."""
+  temporary, handle = _new_file_beside(path)
+  try:
+    with os.fdopen(handle, "wb") as f:
+      np.savez(f, **{name: np.asarray(value) for name, value in weights.items()})
+    if overwrite:
+      os.replace(temporary, path)
+    else:
+      _rename_no_clobber(temporary, path)
+  finally:
+    if os.path.lexists(temporary):
+      os.remove(temporary)
+
+
+def _new_file_beside(path: str) -> tuple[str, int]:
+  """(name, descriptor) of a file created here and now: O_EXCL fails on anything already there,
+  links included. Unlike tempfile.mkstemp (0600), the usual umask decides who may read it."""
+  folder = os.path.dirname(os.path.abspath(path))
+  while True:
+    name = os.path.join(folder, f".tmp-{secrets.token_hex(8)}{NPZ_SUFFIX}")
+    try:
+      return name, os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    except FileExistsError:
+      continue
+
+
+def _rename_no_clobber(temporary: str, path: str) -> None:
+  """temporary -> path unless path exists: a hard link fails atomically if it does."""
+  try:
+    os.link(temporary, path)
+  except FileExistsError:
+    raise
+  except OSError:  # No hard links on this file system (some network and FAT ones): check, rename.
+    if os.path.lexists(path):
+      raise FileExistsError(path) from None
+    os.replace(temporary, path)
+  else:
+    os.remove(temporary)
 
 
 def read_npz(path: str) -> BackboneWeights:
-  with np.load(path, allow_pickle=False) as archive:
-    return {name: archive[name] for name in archive.files}
+  """The arrays of an .npz. Pickled contents (object arrays, a pickle named .npz) are refused:
+  unpickling a file can run any code in it."""
+  try:
+    archive = np.load(path, allow_pickle=False)
+  except ValueError as error:
+    raise ValueError(f"Refusing {path}: {error} Pickled contents are never loaded (unpickling can "
+                     f"run code); an .npz of weights holds plain numeric arrays.") from error
+  if not isinstance(archive, np.lib.npyio.NpzFile):
+    raise ValueError(f"{path} is a single .npy array, not an .npz archive of named arrays.")
+  with archive:
+    weights = {}
+    for name in archive.files:
+      try:
+        weights[name] = archive[name]
+      except ValueError as error:  # numpy's object-array refusal, raised per member.
+        raise ValueError(f"Refusing {path}: its array {name!r} holds pickled Python objects "
+                         f"({error}). Pickled contents are never loaded (unpickling can run "
+                         f"code); an .npz of weights holds plain numeric arrays.") from error
+      if weights[name].dtype.kind not in NUMERIC_KINDS:
+        raise ValueError(f"Refusing {path}: its array {name!r} has dtype {weights[name].dtype}, "
+                         f"not numbers.")
+  return weights
 
 
 def is_tf_checkpoint(path: str) -> bool:

@@ -6,7 +6,8 @@
 The config says which backbone the weights are for (model.backbone, model.deep_stem,
 model.resnet_variant); its other fields do not matter here. Every tensor of the file must map onto
 that backbone and every backbone tensor must be in the file, or nothing is written and the
-offending names are listed. An existing --output is never overwritten without --overwrite.
+offending names are listed. An existing --output (a link included, dangling or not) is never
+replaced without --overwrite, and with it the file is replaced, never written through.
 """
 
 import os
@@ -42,7 +43,10 @@ def convert_file(config, input_path: str, output_path: str, *, overwrite: bool =
   """Writes the checked .npz; returns the number of tensors. Raises ValueError on any mismatch."""
   if not output_path.endswith(convert.NPZ_SUFFIX):
     raise ValueError(f"--output={output_path!r} must end in {convert.NPZ_SUFFIX}.")
-  if os.path.exists(output_path) and not overwrite:
+  if os.path.isdir(output_path):
+    raise ValueError(f"--output={output_path} is a folder; name the .npz file to write.")
+  # lexists: a dangling link counts too, so --overwrite is the only way anything is replaced.
+  if os.path.lexists(output_path) and not overwrite:
     raise ValueError(f"--output={output_path} exists; pass --overwrite to replace it.")
   weights = convert.read_weights(input_path, config.model)
   errors = convert.mapping_errors(weights, backbone_shapes(config))
@@ -50,7 +54,10 @@ def convert_file(config, input_path: str, output_path: str, *, overwrite: bool =
     raise ValueError(f"{input_path} does not match the {config.model.backbone} backbone of the "
                      f"config; nothing was written:\n  " + "\n  ".join(errors))
   os.makedirs(os.path.dirname(os.path.abspath(output_path)), exist_ok=True)
-  convert.save_npz(output_path, weights)
+  try:
+    convert.save_npz(output_path, weights, overwrite=overwrite)
+  except FileExistsError as error:  # Appeared while converting: still never replaced.
+    raise ValueError(f"--output={output_path} exists; pass --overwrite to replace it.") from error
   return len(weights)
 
 

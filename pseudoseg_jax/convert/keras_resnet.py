@@ -16,6 +16,12 @@ Names: conv1_conv -> conv1, conv1_bn -> bn1; convS_blockB_K_conv / _bn -> layer{
 bn. Kernels are HWIO already. BN gamma -> scale, beta -> bias, moving_mean -> mean,
 moving_variance -> var. The ImageNet classifier ('predictions') is dropped on purpose; any other
 tensor keeps its Keras name, so that convert.load_backbone lists it as unexpected.
+
+Safety: no Keras model is built (keras.models.load_model would run a Lambda layer's marshalled
+code), a .keras archive's weights are read into memory (nothing is extracted to disk), and only
+numeric datasets stored in the file itself are read: HDF5 can point a dataset at another file
+(external links, external raw storage, virtual datasets), which would copy any readable file's
+bytes into the converted weights. HDF5 itself never unpickles.
 """
 
 from __future__ import annotations
@@ -134,6 +140,19 @@ def _open_h5(path: str) -> h5py.File:
     raise ValueError(f"{path} is neither an HDF5 file nor a .keras archive: {error}") from error
 
 
+def _tensor(item, root: h5py.Group, path: str) -> np.ndarray:
+  """A dataset's numbers, read only if they are stored in the file being converted."""
+  where = f"{path}: {item.name}"
+  if not isinstance(item, h5py.Dataset):
+    raise ValueError(f"{where} is not a dataset.")
+  if item.file != root.file or item.external or item.is_virtual:
+    raise ValueError(f"Refusing {where}: its data lives in another file (an HDF5 external link, "
+                     f"external storage or virtual dataset); a weights file must hold its tensors.")
+  if item.dtype.kind not in "biuf":
+    raise ValueError(f"Refusing {where}: it holds {item.dtype}, not numbers.")
+  return item[()]
+
+
 def _text(value) -> str:
   """Keras 2 writes attributes as bytes, Keras 3 as str."""
   return value.decode("utf8") if isinstance(value, bytes) else str(value)
@@ -159,7 +178,7 @@ def legacy_layers(root: h5py.Group, path: str) -> KerasLayers:
       # except for a model saved nested in another, whose group holds every inner layer).
       parts = weight_name.split("/")
       layer = parts[-2] if len(parts) > 1 else group_name
-      _add(layers, layer, parts[-1].split(":")[0], group[weight_name][()], path)
+      _add(layers, layer, parts[-1].split(":")[0], _tensor(group[weight_name], root, path), path)
   return layers
 
 
@@ -174,7 +193,7 @@ def keras3_layers(h5: h5py.File, path: str) -> KerasLayers:
     if "name" not in group.attrs:
       raise ValueError(f"{path}: {group.name} has no 'name' attribute (an older Keras 3 wrote "
                        "it), so its layers cannot be named; re-save with model.save('x.h5').")
-    values = [group[key][()] for key in sorted(group, key=int)]
+    values = [_tensor(group[key], h5, path) for key in sorted(group, key=int)]
     # An unknown variable count keeps the Keras indices: listed as unexpected later.
     variables = KERAS3_VARIABLE_ORDER.get(len(values), tuple(sorted(group, key=int)))
     for variable, value in zip(variables, values):

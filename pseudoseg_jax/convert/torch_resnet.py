@@ -39,6 +39,9 @@ DROPPED_LEAF = "num_batches_tracked"
 WRAPPER_KEYS = ("state_dict", "model")
 STRIPPED_PREFIXES = ("module.", "backbone.")
 PICKLE_SUFFIXES = (".pth", ".pt", ".bin")
+# torch.load(weights_only=True) could still be made to run a crafted file's code before torch 2.6
+# (CVE-2025-32434) and to corrupt memory before 2.10 (CVE-2026-24747): older torch is refused.
+MIN_TORCH_FOR_PICKLES = (2, 10)
 
 CONV, BN = "conv", "bn"
 CONV_LEAVES = {"weight": "kernel", "bias": "bias"}
@@ -95,11 +98,25 @@ def read_torch_pickle(path: str) -> Mapping:
         f"pip install torch, or convert it to .safetensors where torch is installed "
         f"(safetensors.torch.save_file(state_dict, 'weights.safetensors')) and point "
         f"model.init_from at that file.") from error
+  if torch_version(torch.__version__) < MIN_TORCH_FOR_PICKLES:
+    raise ValueError(
+        f"Refusing {path}: reading a PyTorch pickle needs torch >= "
+        f"{'.'.join(map(str, MIN_TORCH_FOR_PICKLES))}, as older torch.load(weights_only=True) can "
+        f"be made to run code by a crafted file (CVE-2025-32434, CVE-2026-24747); torch "
+        f"{torch.__version__} is installed. Upgrade torch, or convert the file to .safetensors "
+        f"(safetensors.torch.save_file(state_dict, 'weights.safetensors')) where you trust it.")
   try:
+    # Explicit True: TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD only changes calls that leave it unset.
     return torch.load(path, map_location="cpu", weights_only=True)
   except Exception as error:  # weights_only refuses pickled code: tell why, not just where.
     raise ValueError(f"torch.load({path!r}, weights_only=True) failed: {error}. Only tensors in "
                      f"(nested) dicts are read; re-save the state dict alone.") from error
+
+
+def torch_version(text: str) -> tuple[int, int]:
+  """'2.10.0+cpu' -> (2, 10); an unparsable version counts as too old."""
+  match = re.match(r"(\d+)\.(\d+)", text)
+  return (int(match[1]), int(match[2])) if match else (0, 0)
 
 
 def unwrap_state_dict(checkpoint, source: str) -> dict:

@@ -341,7 +341,7 @@ def largest_side(image_paths: Sequence[str]) -> tuple[int, str]:
     try:
       with Image.open(path) as image:
         side = max(image.size)
-    except (OSError, ValueError, SyntaxError):
+    except label_files.READ_ERRORS:
       continue  # Reported, naming the file, by the check before training.
     if side > largest[0]:
       largest = (side, path)

@@ -17,6 +17,9 @@ from pseudoseg_jax.writers import log
 
 # PIL modes whose pixel values are the stored integers.
 INDEX_MODES = ("P", "L", "I", "I;16")
+# What PIL raises for a file it cannot use. DecompressionBombError (a few KB of PNG declaring
+# billions of pixels) is no OSError: without it such a file would escape unnamed.
+READ_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -38,7 +41,7 @@ def read_index_mask(path: str) -> np.ndarray:
       values = np.asarray(mask)
   except BadExampleError:
     raise
-  except (OSError, ValueError, SyntaxError) as error:  # PIL's errors for unreadable files.
+  except READ_ERRORS as error:
     raise BadExampleError(f"Mask {path} cannot be read: {error}") from error
   return values if values.dtype == np.uint8 else values.astype(np.int32)
 
@@ -49,7 +52,7 @@ def read_image_size(path: str) -> tuple[int, int]:
     with Image.open(path) as image:
       image.load()
       width, height = image.size
-  except (OSError, ValueError, SyntaxError) as error:
+  except READ_ERRORS as error:
     raise BadExampleError(f"Image {path} cannot be decoded: {error}") from error
   return height, width
 

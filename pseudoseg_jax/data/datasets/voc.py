@@ -8,7 +8,9 @@ train_aug masks come from SBD (`cls/*.mat`) or from a SegmentationClassAug folde
 Masks are read as class indices from palette ('P') or grayscale ('L') PNGs and from SBD's .mat,
 never through RGB (label_files.py). Every image and mask is checked when the dataset is prepared:
 a corrupt file, a size mismatch or a value outside 0-20/255 stops the preparation naming the file,
-or, with skip_bad_examples=True, is skipped, logged and counted.
+or, with skip_bad_examples=True, is skipped, logged and counted. Archives are unpacked by TFDS's
+extractor, which skips members with '..' or absolute paths and never creates links
+(tests/test_security.py pins that); ids from split lists are file stems, never paths.
 
     builder = voc.VocAug(data_dir=DATA_DIR)
     builder.download_and_prepare(
@@ -118,17 +120,29 @@ def locate_files(manual_dir: str, extract: Callable[[str], str]) -> VocFiles:
 
 # ---------------------------------------------------------------- masks
 def read_sbd_mask(path: str) -> np.ndarray:
-  """uint8 [H, W] class indices of an SBD cls/*.mat file (struct GTcls, field Segmentation)."""
+  """uint8 [H, W] class indices of an SBD cls/*.mat file (struct GTcls, field Segmentation).
+
+  loadmat never unpickles or runs anything: MATLAB objects and function handles come back as
+  inert object or record arrays, which the checks below refuse."""
   import scipy.io  # Only needed to prepare the dataset.
   try:
     contents = scipy.io.loadmat(path, squeeze_me=True, struct_as_record=False)
     segmentation = contents["GTcls"].Segmentation
   except (OSError, ValueError, KeyError, AttributeError, TypeError,
+          NotImplementedError,  # A v7.3 (HDF5) .mat, which loadmat does not read.
           scipy.io.matlab.MatReadError) as error:
     raise label_files.BadExampleError(
         f"SBD mask {path} cannot be read as a GTcls struct with a Segmentation field: "
         f"{error}") from error
-  return np.asarray(segmentation, dtype=np.uint8)
+  values = np.asarray(segmentation)
+  if values.dtype.kind not in "biuf" or values.ndim != 2:
+    raise label_files.BadExampleError(
+        f"SBD mask {path}: GTcls.Segmentation is a {values.dtype} array of shape {values.shape}, "
+        f"not a 2-D array of class indices.")
+  if values.size and not 0 <= values.min() <= values.max() <= 255:  # uint8 would wrap them.
+    raise label_files.BadExampleError(
+        f"SBD mask {path} holds values outside 0-255 ({values.min()}..{values.max()}).")
+  return values.astype(np.uint8)
 
 
 def _list_stems(folder: str, extension: str) -> list[str]:
