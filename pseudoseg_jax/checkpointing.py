@@ -18,6 +18,7 @@ classes. What callers can rely on, each tested in tests/test_checkpointing.py:
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import zlib
@@ -205,6 +206,9 @@ def _by_path(tree: Any, fn: Callable) -> dict:
           for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
+_NO_SPACE = os.strerror(errno.ENOSPC)  # "No space left on device"
+
+
 def _one_line(error: BaseException) -> str:
   """The gist of an orbax / tensorstore error: the first line of its root cause (orbax wraps some
   in a bare Exception), without tensorstore's spec dump."""
@@ -212,7 +216,11 @@ def _one_line(error: BaseException) -> str:
     error = error.__cause__
   text = (str(error).strip() or type(error).__name__).splitlines()[0]
   text = re.sub(r"\s*\[tensorstore_spec=.*", "", text)
-  return text if len(text) <= 400 else text[:400] + " ..."
+  text = text if len(text) <= 400 else text[:400] + " ..."
+  # Tensorstore names the OS error after the paths, past the cut: a full disk must still say so.
+  if _NO_SPACE in str(error) and _NO_SPACE not in text:
+    text = f"{_NO_SPACE}: {text}"
+  return text
 
 
 def _more(items: list, limit: int) -> str:

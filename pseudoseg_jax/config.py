@@ -55,6 +55,11 @@ def base_config() -> ml_collections.ConfigDict:
   # and counted, where a source checks its files (folder; VOC and COCO when they are prepared).
   config.data.skip_bad_examples = False
   config.data.shuffle_buffer = 2_048
+  # Training streams are read as this many shards (each every S-th example, its own seeds), put
+  # side by side in each global batch; every process reads S / processes of them. 0 = one per
+  # process, each host reading only its own. Fix S (e.g. to the most hosts a run will use) to
+  # train on the same batches with any number of processes that divides it.
+  config.data.stream_shards = 0
 
   config.model = ml_collections.ConfigDict()
   config.model.backbone = "resnet50"  # resnet50 | resnet101 | resnet_tiny | xception65.
@@ -76,6 +81,13 @@ def base_config() -> ml_collections.ConfigDict:
   config.model.cls_dropout = 0.5
   config.model.bn_momentum = 0.9
   config.model.bn_epsilon = 1e-5
+  # Batch-norm statistics in training: 0 = over the whole batch of each forward pass (synchronized
+  # across devices under jit); G > 0 = over each group of G consecutive images ("ghost" BN), e.g. 4
+  # for the original's per-GPU statistics (16 GPUs x 4 images). G must divide each batch the model
+  # sees (batch_size, pseudoseg.unlabeled_batch_size); a per-device batch that is a multiple of G
+  # keeps the groups on one device. Parameter shapes do not depend on it: a run may resume with
+  # another value. The SGC head's norm groups the same way.
+  config.model.bn_group_size = 0
   config.model.dtype = "float32"
 
   config.optimizer = ml_collections.ConfigDict()
@@ -167,12 +179,28 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.scales must be positive factors, got {config.scales}.")
   if config.data.num_labeled < 0:
     raise ValueError(f"config.data.num_labeled must be >= 0, got {config.data.num_labeled}.")
+  if not isinstance(config.data.stream_shards, int) or config.data.stream_shards < 0:
+    raise ValueError("config.data.stream_shards must be an int >= 0 (0 = one per process), got "
+                     f"{config.data.stream_shards!r}.")
   if config.data.num_classes < 2:
     raise ValueError(f"config.data.num_classes must be >= 2, got {config.data.num_classes}.")
   if config.image_summary_every < 0:
     raise ValueError(f"config.image_summary_every must be >= 0, got {config.image_summary_every}.")
   if config.method == "pseudoseg":
     _validate_pseudoseg(config.pseudoseg)
+  _validate_bn_groups(config)
+
+
+def _validate_bn_groups(config: ml_collections.ConfigDict) -> None:
+  """Every batch the model trains on splits into whole groups of model.bn_group_size images."""
+  group_size = config.model.bn_group_size
+  batches = {"batch_size": config.batch_size}
+  if config.method == "pseudoseg":
+    batches["pseudoseg.unlabeled_batch_size"] = config.pseudoseg.unlabeled_batch_size
+  for field, size in batches.items():
+    if group_size and size % group_size:
+      raise ValueError(f"config.model.bn_group_size={group_size} must divide config.{field}="
+                       f"{size}: batch statistics are taken per group of that many images.")
 
 
 def _validate_pseudoseg(section: ml_collections.ConfigDict) -> None:
@@ -242,7 +270,7 @@ DATA_IDENTITY_FIELDS = ("data.name", "data.train_split", "data.unlabeled_split",
                         "data.split_seed", "data.unlabeled_includes_labeled")
 # Fields that a resume may change, but with which it no longer equals an uninterrupted run.
 STREAM_FIELDS = ("method", "seed", "batch_size", "pseudoseg.unlabeled_batch_size", "crop_size",
-                 "scales", "data.shuffle_buffer")
+                 "scales", "data.shuffle_buffer", "data.stream_shards")
 
 
 def _field_values(config_dict: dict, names: tuple) -> dict:

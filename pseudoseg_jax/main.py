@@ -2,7 +2,9 @@
 
   python -m pseudoseg_jax.main --config=configs/demo.py[:ARGS] --workdir=DIR [--config.FIELD=VALUE]
 
-Rerunning the same command on the same DIR resumes from its latest checkpoint.
+Rerunning the same command on the same DIR resumes from its latest checkpoint. Several processes
+(hosts) run the same command: detected on TPU pods and under srun, else named by
+--coordinator_address=HOST:PORT --num_processes=N --process_id=I (pseudoseg_jax/distributed.py).
 """
 
 import os
@@ -18,11 +20,24 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
 flags.mark_flags_as_required(["config", "workdir"])
+_COORDINATOR_ADDRESS = flags.DEFINE_string(
+    "coordinator_address", None,
+    "Multi-process jobs that are not detected (TPU pods and srun are): HOST:PORT where process 0 "
+    "serves the coordinator, the same on every process.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "With --coordinator_address.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None,
+                                   "With --coordinator_address: this process, 0 to N-1.")
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  from pseudoseg_jax import distributed
+  try:
+    job = distributed.plan(_COORDINATOR_ADDRESS.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  except ValueError as error:
+    raise app.UsageError(str(error)) from error
+  distributed.initialize(job)  # Before anything touches a JAX backend.
   import tensorflow as tf
   tf.config.set_visible_devices([], "GPU")
   from pseudoseg_jax import train  # Imported after flag parsing so --help stays fast.

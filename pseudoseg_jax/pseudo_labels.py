@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pseudoseg_jax.models.resize import resize_bilinear
+from pseudoseg_jax.models.resnet import image_groups
 
 # The original adds (1 - valid_q * valid_k) * -1e9 to the attention logits in float32. Keep the
 # same constant and dtype: the rounding it causes is part of the method (see `attention_weights`).
@@ -126,31 +127,41 @@ def with_background(scores: jax.Array) -> jax.Array:
   return jnp.concatenate([background, scores], axis=-1)
 
 
-def center_only_batch_norm(x: jax.Array, offset: jax.Array,
-                           epsilon: float = SGC_NORM_EPSILON) -> jax.Array:
+def center_only_batch_norm(x: jax.Array, offset: jax.Array, epsilon: float = SGC_NORM_EPSILON, *,
+                           group_size: int = 0) -> jax.Array:
   """(x - mean) / sqrt(var + eps) + offset with statistics of THIS batch (all images and positions,
   padding included), in training and inference alike, as the original's SGC norm always runs in
-  training mode. No scale parameter (slim's default: center only)."""
-  mean = jnp.mean(x, axis=(0, 1, 2))
-  variance = jnp.mean(jnp.square(x - mean), axis=(0, 1, 2))
-  return (x - mean) * jax.lax.rsqrt(variance + epsilon) + offset
+  training mode. No scale parameter (slim's default: center only).
+
+  group_size G > 0 (model.bn_group_size) takes the statistics of each group of G consecutive
+  images instead, as the model's batch norms do (the original: per GPU replica)."""
+  if group_size in (0, x.shape[0]):
+    mean = jnp.mean(x, axis=(0, 1, 2))
+    variance = jnp.mean(jnp.square(x - mean), axis=(0, 1, 2))
+    return (x - mean) * jax.lax.rsqrt(variance + epsilon) + offset
+  groups = image_groups(x, group_size)  # [N / G, G, h, w, C]
+  mean = jnp.mean(groups, axis=(1, 2, 3), keepdims=True)
+  variance = jnp.mean(jnp.square(groups - mean), axis=(1, 2, 3), keepdims=True)
+  return ((groups - mean) * jax.lax.rsqrt(variance + epsilon)).reshape(x.shape) + offset
 
 
 def sgc_logits(params: dict, features: Sequence[jax.Array], cam: jax.Array,
-               valid: jax.Array) -> jax.Array:
+               valid: jax.Array, *, norm_group_size: int = 0) -> jax.Array:
   """The SGC head: logits [N, h, w, C] at the CAM's resolution.
 
   params: {'key': [K, d], 'query': [K, d], 'mix': [C, C], 'offset': [C]} (1x1 convs, no bias).
   features: backbone maps for the hypercolumn (the original: the last two stages); cam: the
   normalized CAM [N, h, w, C - 1]; valid: [N, h, w] at the CAM's resolution.
   Only `params` receive gradients: features and CAM are cut from the backbone.
+  norm_group_size: images per group of the center-only norm's statistics (0: the whole batch).
   """
   columns = hypercolumn(features, cam.shape[1:3])
   dot = lambda x, kernel: jnp.einsum(  # noqa: E731
       "nhwk,kd->nhwd", x, kernel.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
   scores = refine_with_attention(jax.lax.stop_gradient(cam), dot(columns, params["query"]),
                                  dot(columns, params["key"]), valid)
-  return center_only_batch_norm(dot(with_background(scores), params["mix"]), params["offset"])
+  return center_only_batch_norm(dot(with_background(scores), params["mix"]), params["offset"],
+                                group_size=norm_group_size)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""The mesh, the two shardings the trainer uses, and host-local batches -> global jax.Arrays.
+"""The mesh, the two shardings the trainer uses, and host values -> global jax.Arrays (the
+replicated state, the batches each host loads).
 
 Pure data parallelism on one mesh axis, 'data': batches are split along their first dimension over
 all devices of all hosts, and the train state is replicated. Under jit, batch statistics and loss
@@ -17,7 +18,11 @@ DATA_AXIS = "data"
 
 
 def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """All devices on 'data', grouped by process: process p's batch (per_process_batch_size rows)
+  is then rows [p * B / P, (p + 1) * B / P) of the global batch, so a host can tell which
+  global rows it loaded (its pseudo-label grid shows them next to the replicated outputs)."""
   devices = jax.devices() if devices is None else list(devices)
+  devices = sorted(devices, key=lambda device: device.process_index)  # Stable: order within kept.
   return Mesh(np.asarray(devices), (DATA_AXIS,))
 
 
@@ -27,6 +32,19 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
+
+
+def replicate(tree, mesh: Mesh):
+  """Host values that every process holds alike (a state initialized from the seed, or loaded from
+  one file) -> global arrays replicated over the mesh, without cross-process traffic.
+
+  Not jax.device_put: with several processes it first checks that the values agree by
+  all-gathering every array from every process onto every device (P copies of the whole train
+  state per device, and a compile per array shape), which does not fit on a large pod.
+  """
+  sharding = replicated(mesh)
+  return jax.tree.map(
+      lambda value: jax.make_array_from_process_local_data(sharding, np.asarray(value)), tree)
 
 
 def per_process_batch_size(global_batch_size: int, mesh: Mesh, field: str) -> int:

@@ -143,7 +143,8 @@ def sgc_logits(model: nnx.Module, features: dict, cam: jax.Array,
   columns than one resize from the input size would.
   """
   feature_valid = pseudo_labels.resize_nearest(decoder_valid, cam.shape[1:3])
-  return pseudo_labels.sgc_logits(model.sgc.params(), sgc_features(features), cam, feature_valid)
+  return pseudo_labels.sgc_logits(model.sgc.params(), sgc_features(features), cam, feature_valid,
+                                  norm_group_size=model.sgc.norm_group_size)
 
 
 def make_pseudo_labels(model: nnx.Module, weak_logits: jax.Array, unlabeled: dict, *,

@@ -5,6 +5,19 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+
+# One persistent compilation cache for the test run, shared by pytest-xdist's workers and inherited
+# by the training commands tests start: a program that several tests compile (the tiny demo's
+# steps, above all) is compiled once. Set JAX_COMPILATION_CACHE_DIR to keep or place it yourself.
+_RUN_ID = os.environ.get("PYTEST_XDIST_TESTRUNUID", str(os.getpid()))
+_OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
+if _OWN_CACHE:
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(
+      tempfile.gettempdir(), f"pseudoseg_jax_test_compilation_cache_{_RUN_ID}")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+
 import jax  # noqa: E402
 
 # Must happen before the first JAX computation; 4 devices let tests compare 1- vs 4-way sharding.
@@ -31,3 +44,9 @@ def shared_data_dir() -> pathlib.Path:
     pytest.fail(f"The shared sample data is missing: expected {SHARED_DATA_DIR} (../shared/data "
                 "next to the repository, or set PSEUDOSEG_SHARED_DATA).")
   return SHARED_DATA_DIR
+
+
+def pytest_unconfigure(config):
+  """The run's own cache goes with it (removed by the controller, after the workers finished)."""
+  if _OWN_CACHE and "PYTEST_XDIST_WORKER" not in os.environ:
+    shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)

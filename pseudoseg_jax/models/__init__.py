@@ -36,7 +36,7 @@ def validate_model_config(model_config) -> None:
   """Raises ValueError naming the first missing or bad field of `model_config`."""
   fields = ("backbone", "deep_stem", "resnet_variant", "output_stride", "aspp_rates", "aspp_channels",
             "decoder_channels", "low_level_channels", "sgc_attention_dim", "aspp_dropout",
-            "cls_dropout", "bn_momentum", "bn_epsilon", "dtype")
+            "cls_dropout", "bn_momentum", "bn_epsilon", "bn_group_size", "dtype")
   missing = object()
   values = {field: getattr(model_config, field, missing) for field in fields}
   for field, value in values.items():
@@ -63,6 +63,10 @@ def validate_model_config(model_config) -> None:
            values["bn_momentum"])
   _require(isinstance(values["bn_epsilon"], (int, float)) and values["bn_epsilon"] > 0,
            "bn_epsilon", "> 0", values["bn_epsilon"])
+  # Whether it divides the batch is only known at call time (GhostBatchNorm checks it there).
+  _require(_is_int(values["bn_group_size"]) and values["bn_group_size"] >= 0, "bn_group_size",
+           "an int >= 0 (0: statistics of the whole batch; G: of each G consecutive images)",
+           values["bn_group_size"])
   _require(values["dtype"] in DTYPES, "dtype", f"one of {tuple(DTYPES)}", values["dtype"])
 
 
@@ -75,7 +79,7 @@ def build_model(model_config, num_classes: int, *, rngs: nnx.Rngs) -> DeepLabV3P
   if not _is_int(num_classes) or num_classes < 2:
     raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}.")
   norm = NormConfig(momentum=float(model_config.bn_momentum),
-                    epsilon=float(model_config.bn_epsilon))
+                    epsilon=float(model_config.bn_epsilon), group_size=model_config.bn_group_size)
   dtype = DTYPES[model_config.dtype]
   if model_config.backbone in XCEPTION_BACKBONES:
     from pseudoseg_jax.models.xception import Xception65

@@ -97,10 +97,14 @@ class SGCHead(nnx.Module):
   center-only norm. No biases. The arithmetic is `pseudo_labels.sgc_logits`.
 
   Kernels start as slim's default (Glorot uniform), the original's initializer for these layers.
+  The center-only norm always uses batch statistics; `norm_group_size` (model.bn_group_size, 0 =
+  the whole batch) groups them like every other BatchNorm of the model, as the original's
+  per-replica SGC norm did. A static setting, not a parameter.
   """
 
   def __init__(self, hypercolumn_features: int, num_classes: int, *, attention_dim: int,
-               param_dtype=jnp.float32, rngs: nnx.Rngs):
+               norm_group_size: int = 0, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    self.norm_group_size = norm_group_size
     init = nnx.initializers.glorot_uniform()
     self.key = nnx.Param(init(rngs.params(), (hypercolumn_features, attention_dim), param_dtype))
     self.query = nnx.Param(init(rngs.params(), (hypercolumn_features, attention_dim),
@@ -121,7 +125,9 @@ class DeepLabV3Plus(nnx.Module):
     'logits':     [N, ceil(H/4), ceil(W/4), num_classes] at decoder (stride-4) resolution, float32;
     'cls_logits': [N, num_classes - 1], float32;
     'features':   the backbone's dict ('stride4', 'stage2', 'stage3', 'stage4'), compute dtype.
-  train=True uses batch statistics (and updates the running ones) and dropout, which needs `rngs`.
+  train=True uses batch statistics (and updates the running ones) and dropout, which needs `rngs`;
+  with norm.group_size G > 0 (model.bn_group_size) the statistics are per group of G consecutive
+  images, and G must divide the batch.
   """
 
   def __init__(self, backbone: ResNet, num_classes: int, *, aspp_rates: Sequence[int],
@@ -141,8 +147,8 @@ class DeepLabV3Plus(nnx.Module):
                                        rngs=rngs)
     # Hypercolumn of the last two stages, as the original's strides (15, 16).
     self.sgc = SGCHead(backbone.out_features["stage3"] + backbone.out_features["stage4"],
-                       num_classes, attention_dim=sgc_attention_dim, param_dtype=param_dtype,
-                       rngs=rngs)
+                       num_classes, attention_dim=sgc_attention_dim,
+                       norm_group_size=norm.group_size, param_dtype=param_dtype, rngs=rngs)
     self.uses_dropout = aspp_dropout > 0 or cls_dropout > 0
 
   def __call__(self, images: jax.Array, *, train: bool,

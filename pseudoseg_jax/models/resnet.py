@@ -26,6 +26,9 @@ downsample.0/.1; Keras: conv2_block1_1_conv ... conv2_block1_0_conv, see convert
 Deep stem (UniMatch names in brackets): stem_conv1 [conv1.0], stem_bn1 [conv1.1],
 stem_conv2 [conv1.3], stem_bn2 [conv1.4], stem_conv3 [conv1.6], then bn1 [bn1]. There is no
 ImageNet fc layer.
+
+Every batch norm of the models (here, in xception.py and deeplab.py) is `GhostBatchNorm`:
+nnx.BatchNorm, with training statistics per group of config.model.bn_group_size images when > 0.
 """
 
 from __future__ import annotations
@@ -74,9 +77,14 @@ VARIANTS = {
 
 @dataclasses.dataclass(frozen=True)
 class NormConfig:
-  """BatchNorm settings, flax convention: running = momentum * running + (1 - momentum) * batch."""
+  """BatchNorm settings, flax convention: running = momentum * running + (1 - momentum) * batch.
+
+  group_size (config.model.bn_group_size): 0 = statistics of the whole batch of each forward pass
+  (global under jit); G > 0 = statistics of each group of G consecutive images (GhostBatchNorm).
+  """
   momentum: float = 0.9
   epsilon: float = 1e-5
+  group_size: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,10 +126,87 @@ def conv2d(in_features: int, out_features: int, kernel_size: int, *, stride: int
                   kernel_init=kernel_init, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
 
+def image_groups(x: jax.Array, group_size: int) -> jax.Array:
+  """[N, ...] -> [N / G, G, ...], groups of G consecutive images; G = 0 is one group of all N."""
+  batch_size = x.shape[0]
+  size = group_size or batch_size
+  if not _is_group_size(group_size) or batch_size % size:
+    raise ValueError(f"model.bn_group_size={group_size!r} must divide the batch given to the model "
+                     f"({batch_size} images): batch statistics are computed per group of that many "
+                     "consecutive images.")
+  return x.reshape(batch_size // size, size, *x.shape[1:])
+
+
+def group_moments(groups: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Mean and variance [N / G, C] of each group [N / G, G, ..., C] over its images and positions.
+
+  As nnx.BatchNorm: in float32 at least (bfloat16 sums lose too much), variance as
+  E[x^2] - E[x]^2 clipped at 0 (its default use_fast_variance).
+  """
+  groups = groups.astype(jnp.promote_types(groups.dtype, jnp.float32))
+  axes = tuple(range(1, groups.ndim - 1))
+  mean = jnp.mean(groups, axis=axes)
+  mean_of_squares = jnp.mean(jnp.square(groups), axis=axes)
+  return mean, jnp.maximum(0.0, mean_of_squares - jnp.square(mean))
+
+
+def _is_group_size(value) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+class GhostBatchNorm(nnx.BatchNorm):
+  """nnx.BatchNorm whose training statistics are per group of `group_size` consecutive images.
+
+  The original trained on 16 GPUs x 4 images, each replica normalizing with its own 4 images
+  (no sync BN); group_size=4 reproduces that on any number of devices. In training each group is
+  normalized with its own mean and variance (float32, channels last), and the running averages move
+  towards the MEAN OVER GROUPS of the group means and of the group variances. slim's multi-clone
+  training updated them from the first clone only, one group's statistics; the mean over groups
+  has the same expectation (it is the unbiased counterpart) with less noise. The mean of the group
+  variances is the within-group variance, smaller than the whole batch's, as the original's was.
+
+  group_size 0 or equal to the batch, and eval mode (the running averages), take nnx.BatchNorm's
+  own code path, so they give exactly its results. Parameters and statistics keep its names and
+  shapes (scale, bias, mean, var): checkpoints and the converters do not see the group size.
+
+  Under jit with the batch sharded over the 'data' mesh axis, groups that lie within one device's
+  shard (per-device batch a multiple of G) normalize without cross-device traffic; only the
+  running-average update takes a mean over groups, a [C]-vector reduction per layer.
+  """
+
+  def __init__(self, num_features: int, *, group_size: int = 0, **batch_norm_kwargs):
+    if not _is_group_size(group_size):
+      raise ValueError(f"model.bn_group_size must be an int >= 0, got {group_size!r}.")
+    super().__init__(num_features, **batch_norm_kwargs)
+    self.group_size = group_size
+
+  def __call__(self, x: jax.Array, use_running_average: bool | None = None) -> jax.Array:
+    if use_running_average is None:
+      use_running_average = self.use_running_average
+    if use_running_average or self.group_size in (0, x.shape[0]):
+      return super().__call__(x, use_running_average=use_running_average)
+    # Promote as nnx.BatchNorm does: everything in the compute dtype, statistics in float32.
+    x, scale, bias = self.promote_dtype((x, self.scale[...], self.bias[...]), dtype=self.dtype)
+    groups = image_groups(x, self.group_size)
+    group_means, group_variances = group_moments(groups)
+    self._update_running_averages(group_means, group_variances)
+    stats_shape = (group_means.shape[0],) + (1,) * (groups.ndim - 2) + (group_means.shape[-1],)
+    inverse_std = jax.lax.rsqrt(group_variances.reshape(stats_shape) + self.epsilon)
+    y = (groups - group_means.reshape(stats_shape)) * (inverse_std * scale) + bias
+    return y.reshape(x.shape).astype(x.dtype)
+
+  def _update_running_averages(self, group_means: jax.Array, group_variances: jax.Array) -> None:
+    momentum = self.momentum
+    self.mean[...] = jax.lax.stop_gradient(
+        momentum * self.mean[...] + (1 - momentum) * jnp.mean(group_means, axis=0))
+    self.var[...] = jax.lax.stop_gradient(
+        momentum * self.var[...] + (1 - momentum) * jnp.mean(group_variances, axis=0))
+
+
 def batch_norm(features: int, norm: NormConfig, *, dtype=None, param_dtype=jnp.float32,
-               rngs: nnx.Rngs) -> nnx.BatchNorm:
-  return nnx.BatchNorm(features, momentum=norm.momentum, epsilon=norm.epsilon, dtype=dtype,
-                       param_dtype=param_dtype, rngs=rngs)
+               rngs: nnx.Rngs) -> GhostBatchNorm:
+  return GhostBatchNorm(features, group_size=norm.group_size, momentum=norm.momentum,
+                        epsilon=norm.epsilon, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
 
 def max_pool_3x3_stride2(x: jax.Array) -> jax.Array:
