@@ -177,6 +177,15 @@ def training_batches(config: ml_collections.ConfigDict, source: datasets.Source,
           for labeled_batch, unlabeled_batch in zip(labeled, unlabeled))
 
 
+def make_train_fn(config: ml_collections.ConfigDict, graphdef, tx, state, mesh):
+  """The jitted train step: the state replicated and donated, the batch split over 'data'."""
+  replicated = sharding.replicated(mesh)
+  state_sharding = jax.tree.map(lambda _: replicated, state)
+  return jax.jit(functools.partial(steps.train_step, graphdef=graphdef, tx=tx, config=config),
+                 in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
+                 out_shardings=(state_sharding, replicated), donate_argnums=0)
+
+
 def total_stream_shards(config: ml_collections.ConfigDict) -> int:
   return config.data.stream_shards or jax.process_count()
 
@@ -302,11 +311,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   writer = writers.MetricWriter(workdir, enabled=is_writer)
 
   replicated = sharding.replicated(mesh)
-  state_sharding = jax.tree.map(lambda _: replicated, state)
-  train_fn = jax.jit(
-      functools.partial(steps.train_step, graphdef=graphdef, tx=tx, config=config),
-      in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
-      out_shardings=(state_sharding, replicated), donate_argnums=0)
+  train_fn = make_train_fn(config, graphdef, tx, state, mesh)
   eval_fn = jax.jit(
       functools.partial(steps.eval_step, graphdef=graphdef, num_classes=config.data.num_classes,
                         ignore_label=config.data.ignore_label),
