@@ -135,11 +135,7 @@ def center_only_batch_norm(x: jax.Array, offset: jax.Array, epsilon: float = SGC
 
   group_size G > 0 (model.bn_group_size) takes the statistics of each group of G consecutive
   images instead, as the model's batch norms do (the original: per GPU replica)."""
-  if group_size in (0, x.shape[0]):
-    mean = jnp.mean(x, axis=(0, 1, 2))
-    variance = jnp.mean(jnp.square(x - mean), axis=(0, 1, 2))
-    return (x - mean) * jax.lax.rsqrt(variance + epsilon) + offset
-  groups = image_groups(x, group_size)  # [N / G, G, h, w, C]
+  groups = image_groups(x, group_size)  # [N / G, G, h, w, C]; G = 0: one group of all N.
   mean = jnp.mean(groups, axis=(1, 2, 3), keepdims=True)
   variance = jnp.mean(jnp.square(groups - mean), axis=(1, 2, 3), keepdims=True)
   return ((groups - mean) * jax.lax.rsqrt(variance + epsilon)).reshape(x.shape) + offset
