@@ -3,7 +3,7 @@
 import numpy as np
 import tensorflow as tf
 
-from pseudoseg_jax.data import augment
+from pseudoseg_jax.data import augment, color
 
 
 def eager_and_in_dataset(fn, *args):
@@ -215,7 +215,7 @@ def test_image_stages_compose_to_apply_geometry_to_image():
   def both(x, s):
     g = augment.sample_geometry(s, tf.shape(x)[:2], 25)
     return (augment.apply_geometry_to_image(x, g),
-            augment.place_image(augment.scale_image(x, g), g))
+            augment.place_window(augment.resize_window(x, g), g, augment.IMAGE_FILL_VALUE))
 
   whole, staged = eager_and_in_dataset(both, image, seed(3))
   np.testing.assert_array_equal(whole, staged)
@@ -242,8 +242,8 @@ def random_image(height=12, width=10, rng_seed=4):
 
 def test_color_jitter_stays_in_range_and_is_a_function_of_the_seed():
   image = random_image()
-  jittered = eager_and_in_dataset_many(augment.color_jitter, [(image, seed(i)) for i in range(8)])
-  again = eager_and_in_dataset_many(augment.color_jitter, [(image, seed(i)) for i in range(8)])
+  jittered = eager_and_in_dataset_many(color.color_jitter, [(image, seed(i)) for i in range(8)])
+  again = eager_and_in_dataset_many(color.color_jitter, [(image, seed(i)) for i in range(8)])
   for out, out_again in zip(jittered, again):
     assert out.shape == image.shape and out.dtype == np.float32
     assert out.min() >= 0.0 and out.max() <= 255.0
@@ -254,7 +254,7 @@ def test_color_jitter_stays_in_range_and_is_a_function_of_the_seed():
 
 def test_sample_color_jitter_draws_orders_and_factors_from_their_ranges():
   def sample(s):
-    return augment.sample_color_jitter(s)._asdict()
+    return color.sample_color_jitter(s)._asdict()
   samples = eager_and_in_dataset_many(sample, [(seed(i),) for i in range(64)])
   orders = {tuple(s["order"]) for s in samples}
   assert all(sorted(order) == [0, 1, 2, 3] for order in orders)
@@ -267,7 +267,7 @@ def test_sample_color_jitter_draws_orders_and_factors_from_their_ranges():
 
 
 def jitter_with_order(order, **factors):
-  return augment.ColorJitter(order=tf.constant(order, tf.int32), **{
+  return color.ColorJitter(order=tf.constant(order, tf.int32), **{
       name: tf.constant(value, tf.float32) for name, value in factors.items()})
 
 
@@ -284,14 +284,14 @@ def test_apply_color_jitter_applies_the_ops_in_the_given_order_clipping_after_ea
              lambda y: tf.image.adjust_hue(y, 0.2),
              lambda y: tf.image.adjust_contrast(y, 1.4)):
     x = tf.clip_by_value(op(x), 0.0, 1.0)
-  out = eager_and_in_dataset(lambda im: augment.apply_color_jitter(im, jitter), image)
+  out = eager_and_in_dataset(lambda im: color.apply_color_jitter(im, jitter), image)
   np.testing.assert_allclose(out, x.numpy() * 255.0, rtol=1e-5, atol=1e-3)
 
 
 def test_the_order_changes_the_result():
   image = random_image()
-  first = augment.apply_color_jitter(image, jitter_with_order([0, 1, 2, 3], **STRONG_FACTORS))
-  last = augment.apply_color_jitter(image, jitter_with_order([3, 2, 1, 0], **STRONG_FACTORS))
+  first = color.apply_color_jitter(image, jitter_with_order([0, 1, 2, 3], **STRONG_FACTORS))
+  last = color.apply_color_jitter(image, jitter_with_order([3, 2, 1, 0], **STRONG_FACTORS))
   assert np.abs(first.numpy() - last.numpy()).max() > 1.0
 
 
@@ -299,7 +299,7 @@ def test_hue_and_saturation_keep_a_grey_image_grey():
   grey = np.broadcast_to(np.linspace(10, 240, 30, dtype=np.float32).reshape(5, 6, 1), [5, 6, 3])
 
   def hue_and_saturation_only(im, s):
-    return augment.color_jitter(im, s, brightness=0.0, contrast=0.0)
+    return color.color_jitter(im, s, brightness=0.0, contrast=0.0)
 
   outs = eager_and_in_dataset_many(hue_and_saturation_only, [(grey, seed(i)) for i in range(4)])
   for out in outs:

@@ -107,33 +107,29 @@ def assert_same_as_uninterrupted(workdir, uninterrupted):
   assert [m["step"] for m in records] == list(range(1, PREEMPTION_STEPS + 1))
 
 
-def test_sigterm_checkpoints_the_current_step_and_the_rerun_equals_an_uninterrupted_run(
+def test_a_run_stopped_by_sigterm_then_killed_resumes_to_the_uninterrupted_results(
     data_dir, subprocess_env, uninterrupted, tmp_path):
+  """One workdir through both kinds of preemption (one launch fewer than a run for each)."""
   workdir = str(tmp_path / "run")
   args = train_command(data_dir, workdir)
+  # SIGTERM: the step in flight is checkpointed and its pending metrics are written.
   exit_code, output, seconds = run_until_step_then_signal(args, subprocess_env, 1,
                                                           signal.SIGTERM)
   assert exit_code == 128 + signal.SIGTERM, output[-3000:]
   assert seconds < SIGNAL_TO_EXIT_LIMIT_S
   stopped_at = int(output.split("Preempted at step ")[1].split(";")[0])
-  assert 1 <= stopped_at < PREEMPTION_STEPS
+  assert 1 <= stopped_at < 7  # Before the step the kill below waits for.
   saved = sorted(int(name) for name in os.listdir(os.path.join(workdir, "checkpoints")))
   assert saved[-1] == stopped_at  # The step in flight, whatever the checkpoint interval.
-  assert read_metrics(workdir)[-1]["step"] == stopped_at  # Its pending metrics were written.
+  assert read_metrics(workdir)[-1]["step"] == stopped_at
 
-  stdout = run_to_completion(args, subprocess_env)
-  assert f"Resumed from {os.path.join(os.path.abspath(workdir), 'checkpoints')} at step " \
-      f"{stopped_at}" in stdout
-  assert_same_as_uninterrupted(workdir, uninterrupted)
-
-
-def test_a_run_killed_without_warning_resumes_to_the_uninterrupted_results(
-    data_dir, subprocess_env, uninterrupted, tmp_path):
-  workdir = str(tmp_path / "run")
-  args = train_command(data_dir, workdir)
-  # Step 7: just after the step-6 checkpoint began saving in the background; steps 7+ are lost.
+  # SIGKILL at step 7 of the resumed run: just after the step-6 checkpoint began saving in the
+  # background; steps 7+ are lost.
   exit_code, output, _ = run_until_step_then_signal(args, subprocess_env, 7, signal.SIGKILL)
   assert exit_code == -signal.SIGKILL, output[-3000:]
+  assert f"Resumed from {os.path.join(os.path.abspath(workdir), 'checkpoints')} at step " \
+      f"{stopped_at}" in output
+
   stdout = run_to_completion(args, subprocess_env)
   resumed_at = int(stdout.split("Resumed from ")[1].split(" at step ")[1].split(".")[0])
   assert resumed_at in (3, 6)  # 6 unless the kill caught its save unfinished.

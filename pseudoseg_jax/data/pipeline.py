@@ -16,7 +16,7 @@ from typing import Callable, Iterator, Optional, Sequence, Union
 import numpy as np
 import tensorflow as tf
 
-from pseudoseg_jax.data import augment
+from pseudoseg_jax.data import augment, color
 
 AUTOTUNE = tf.data.AUTOTUNE
 Seed = Union[int, Sequence[int]]
@@ -82,7 +82,8 @@ def unlabeled_stream(dataset: tf.data.Dataset, *, batch_size: int, crop_size: au
 
   Yields, with (h, w) = crop_size and B = batch_size:
     'weak_image': float32 [B, h, w, 3] in [-1, 1]: scale, pad, crop, flip.
-    'strong_image': float32 [B, h, w, 3]: the same geometry, plus colour jitter before padding
+    'strong_image': float32 [B, h, w, 3]: the same geometry, plus colour jitter (of the crop
+      window's real pixels, see augment_unlabeled_example) before padding
       and a cutout box (normalized 0) after cropping; equal to 'weak_image' when not
       `strong_augment` (the ablation switch; then there is no cutout either).
     'valid': int32 [B, h, w]: 1 = real pixel, 0 = padding or inside the cutout box.
@@ -108,42 +109,47 @@ def augment_labeled_example(example, seed, *, crop_size: augment.CropSize,
   """Scale, pad, crop, flip (SPEC section 6, labeled stream) and labels read off the crop."""
   example = _image_and_mask(example)
   geometry = augment.sample_geometry(seed, tf.shape(example["image"])[:2], crop_size, scales)
-  scaled_image = augment.scale_image(example["image"], geometry)
-  return _weak_view(scaled_image, example["mask"], geometry, ignore_label=ignore_label,
+  window = augment.resize_window(example["image"], geometry)
+  return _weak_view(window, example["mask"], geometry, ignore_label=ignore_label,
                     num_classes=num_classes)
 
 
 def augment_unlabeled_example(example, seed, *, crop_size: augment.CropSize,
                               scales: Sequence[float], ignore_label: int, num_classes: int,
                               strong_augment: bool = True, cutout_size: int = 0,
-                              jitter_colors: Callable = augment.color_jitter) -> dict:
+                              jitter_colors: Optional[Callable] = None) -> dict:
   """One geometry, two views (SPEC section 6); the keys of `unlabeled_stream`, unbatched.
 
-  `jitter_colors(scaled_image, seed)` maps [0, 255] to [0, 255]; tests swap it to see the
-  geometry through the strong view.
+  `jitter_colors(window, seed)` maps [0, 255] to [0, 255]; tests swap it to see the geometry
+  through the strong view. None is color.color_jitter, run fused with the placement
+  (color.jitter_and_place, the same pixels to float rounding). It sees the crop window's real pixels (augment.resize_window), not the
+  whole scaled image: the one deliberate difference from the original, which only moves
+  contrast's per-channel mean (window mean instead of whole-image mean); padding stays 127.5.
   """
   example = _image_and_mask(example, missing_mask_label=ignore_label)
   geometry_seed, jitter_seed, cutout_seed = tf.unstack(
       tf.random.experimental.stateless_split(seed, num=3))
   geometry = augment.sample_geometry(
       geometry_seed, tf.shape(example["image"])[:2], crop_size, scales)
-  # Scaled once: both views are cut from the same pixels.
-  scaled_image = augment.scale_image(example["image"], geometry)
-  weak = _weak_view(scaled_image, example["mask"], geometry, ignore_label=ignore_label,
+  # Resized once: both views are cut from the same pixels.
+  window = augment.resize_window(example["image"], geometry)
+  weak = _weak_view(window, example["mask"], geometry, ignore_label=ignore_label,
                     num_classes=num_classes)
   views = {"weak_image": weak.pop("image"), **weak}
   if not strong_augment:
     return views | {"strong_image": views["weak_image"]}
-  strong_image = augment.place_image(jitter_colors(scaled_image, jitter_seed), geometry)
-  cutout = augment.sample_cutout(cutout_seed, geometry.crop_size, cutout_size)
+  if jitter_colors is None:
+    strong_image = color.jitter_and_place(window, jitter_seed, geometry.crop_size, geometry.flip)
+  else:
+    strong_image = augment.place_normalized_image(jitter_colors(window, jitter_seed), geometry)
+  box = augment.sample_cutout_box(cutout_seed, geometry.crop_size, cutout_size)
   # The original voids the box in the label it derives image-level labels from, so those name only
   # classes the strong view still shows. 'mask' itself keeps the box: it only serves monitoring,
   # which skips invalid pixels anyway.
-  mask_outside_box = tf.where(cutout > 0, tf.constant(ignore_label, views["mask"].dtype),
-                              views["mask"])
+  mask_outside_box = augment.fill_box(views["mask"], box, ignore_label)
   return views | {
-      "strong_image": augment.normalize_image(augment.cut_out(strong_image, cutout)),
-      "valid": views["valid"] * (1 - cutout),
+      "strong_image": augment.fill_box(strong_image, box, augment.NORMALIZED_FILL_VALUE),
+      "valid": augment.fill_box(views["valid"], box, 0),
       "image_labels": augment.image_labels_from_mask(mask_outside_box, num_classes=num_classes,
                                                      ignore_label=ignore_label),
   }
@@ -221,17 +227,19 @@ def _training_stream(dataset: tf.data.Dataset, read_example: Callable, augment_e
   return ds.with_options(_deterministic_options()).prefetch(AUTOTUNE)
 
 
-def _weak_view(scaled_image, mask, geometry: augment.Geometry, *, ignore_label: int,
+def _weak_view(window, mask, geometry: augment.Geometry, *, ignore_label: int,
                num_classes: int) -> dict:
-  """Pads, crops and flips the scaled image and the mask; the labeled stream's keys."""
-  mask = augment.apply_geometry_to_label(
-      tf.cast(mask, tf.int32), geometry, fill_value=ignore_label)[..., 0]
+  """Places the image's window (augment.resize_window) and the mask in the crop; the labeled
+  stream's keys."""
+  # int32 before placing: the ignore label (the fill) need not fit the mask's own dtype.
+  mask_window = tf.cast(augment.resize_label_window(mask[..., 0], geometry), tf.int32)
   return {
-      "image": augment.normalize_image(augment.place_image(scaled_image, geometry)),
-      "mask": mask,
+      "image": augment.place_normalized_image(window, geometry),
+      "mask": augment.place_window(mask_window, geometry, ignore_label),
       "valid": augment.valid_mask(geometry),
+      # The padding holds only the ignore label, which names no class: the window says it all.
       "image_labels": augment.image_labels_from_mask(
-          mask, num_classes=num_classes, ignore_label=ignore_label),
+          mask_window, num_classes=num_classes, ignore_label=ignore_label),
   }
 
 

@@ -39,6 +39,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from pseudoseg_jax.models import conv
+
 # torchvision initialises convs with kaiming_normal_(mode='fan_out', nonlinearity='relu').
 he_normal_fan_out = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
 
@@ -123,7 +125,8 @@ def conv2d(in_features: int, out_features: int, kernel_size: int, *, stride: int
   pad = dilation * (kernel_size - 1) // 2
   return nnx.Conv(in_features, out_features, (kernel_size, kernel_size), strides=stride,
                   padding=((pad, pad), (pad, pad)), kernel_dilation=dilation, use_bias=use_bias,
-                  kernel_init=kernel_init, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                  kernel_init=kernel_init, dtype=dtype, param_dtype=param_dtype,
+                  conv_general_dilated=conv.conv_general_dilated, rngs=rngs)
 
 
 def image_groups(x: jax.Array, group_size: int) -> jax.Array:

@@ -51,6 +51,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from pseudoseg_jax.models import conv
 from pseudoseg_jax.models.resnet import NormConfig, batch_norm
 
 XCEPTION_BN_EPSILON = 1e-3
@@ -127,7 +128,7 @@ class ConvNorm(nnx.Module):
                          padding=((pad, pad), (pad, pad)), kernel_dilation=rate,
                          feature_group_count=in_features if depthwise else 1, use_bias=False,
                          kernel_init=deeplab_weights_init, dtype=dtype, param_dtype=param_dtype,
-                         rngs=rngs)
+                         conv_general_dilated=conv.conv_general_dilated, rngs=rngs)
     self.bn = batch_norm(out_features, norm, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array, *, train: bool, relu: bool) -> jax.Array:

@@ -1,0 +1,197 @@
+"""The models' 2-D convolution: XLA's, with faster formulations of some passes on CPUs.
+
+Measured on this project's 2-core CPU (benchmarks/conv_kernels.py), XLA:CPU runs a plain
+convolution's forward and input gradient at 60-95 GFLOP/s but its weight gradient, a convolution
+that contracts over batch and space, at 20-28 GFLOP/s: a third of a train step's FLOPs ran at a
+third of the speed; and its dilated convolutions compute the padding, so the ASPP's rates 12 and 18
+on a 21x21 map ran at 12 and 5 GFLOP/s of useful work.
+The weight gradient is a sum over kernel taps of plain matrix products,
+
+    dW[i, j] = x_tap(i, j)^T @ dy,   x_tap(i, j)[n, h, w] = x[n, h*s + i*d - pad, w*s + j*d - pad]
+
+(s stride, d dilation), which XLA:CPU runs at its matmul speed. Each tap's product only covers the
+output rows and columns whose input sample is inside the image, so no FLOP is spent on padding
+(the ASPP's rate-12/18 taps on a 21x21 map mostly fall outside it) and XLA's FLOP count of the step
+stays the useful work. Dilated convolutions run forward the same way (a sum of per-tap products
+over their valid outputs), so their input gradient, XLA's transpose of that, does too; 1x1
+convolutions run forward as one matrix product.
+
+GPUs and TPUs keep XLA's own convolution kernels (cuDNN's and the TPU's are already fast): the choice
+is made per platform when the step is lowered, by `jax.lax.platform_dependent`. Everything else
+(grouped / depthwise convolutions, input dilation, other layouts) goes to lax.conv_general_dilated.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+# nnx.Conv's layout for 2-D inputs: NHWC activations, HWIO kernels.
+_NHWC_HWIO = ("NHWC", "HWIO", "NHWC")
+
+
+def _lax_conv(x, kernel, strides, padding, dilation):
+  return jax.lax.conv_general_dilated(x, kernel, strides, padding, rhs_dilation=dilation,
+                                      dimension_numbers=_NHWC_HWIO)
+
+
+def _output_size(size: int, kernel: int, stride: int, dilation: int, pad: tuple[int, int]) -> int:
+  return (size + pad[0] + pad[1] - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def _valid_outputs(size: int, out_size: int, tap: int, stride: int, dilation: int,
+                   pad_before: int) -> tuple[int, int]:
+  """[first, last) outputs along one axis whose input sample for kernel tap `tap` is in the image:
+  0 <= o * stride + tap * dilation - pad_before < size."""
+  offset = tap * dilation - pad_before
+  first = max(0, -(offset // stride))  # ceil(-offset / stride)
+  last = min(out_size, (size - 1 - offset) // stride + 1)
+  return first, max(first, last)
+
+
+def _input_tap(x, i, j, rows, cols, strides, padding, dilation) -> jax.Array:
+  """The inputs kernel tap (i, j) multiplies for outputs rows[0]:rows[1], cols[0]:cols[1]."""
+  start = (rows[0] * strides[0] + i * dilation[0] - padding[0][0],
+           cols[0] * strides[1] + j * dilation[1] - padding[1][0])
+  limit = (start[0] + (rows[1] - rows[0] - 1) * strides[0] + 1,
+           start[1] + (cols[1] - cols[0] - 1) * strides[1] + 1)
+  return jax.lax.slice(x, (0, *start, 0), (x.shape[0], *limit, x.shape[3]),
+                       (1, strides[0], strides[1], 1))
+
+
+def tap_weight_gradient(x: jax.Array, dy: jax.Array, kernel_shape: tuple[int, ...],
+                        strides: tuple[int, int], padding, dilation: tuple[int, int]) -> jax.Array:
+  """dL/dkernel [kh, kw, C_in, C_out] of an NHWC/HWIO convolution, one matrix product per tap.
+
+  `padding` is ((top, bottom), (left, right)); `dy` is dL/doutput [N, OH, OW, C_out].
+  """
+  kernel_h, kernel_w, in_channels, out_channels = kernel_shape
+  height, width = x.shape[1:3]
+  out_h, out_w = dy.shape[1:3]
+  taps = []
+  for i in range(kernel_h):
+    rows = _valid_outputs(height, out_h, i, strides[0], dilation[0], padding[0][0])
+    for j in range(kernel_w):
+      cols = _valid_outputs(width, out_w, j, strides[1], dilation[1], padding[1][0])
+      if rows[0] == rows[1] or cols[0] == cols[1]:
+        taps.append(jnp.zeros((out_channels, in_channels), dy.dtype))
+        continue
+      x_tap = _input_tap(x, i, j, rows, cols, strides, padding, dilation)
+      dy_tap = dy[:, rows[0]:rows[1], cols[0]:cols[1], :]
+      # [C_out, C_in] = dy^T x: this operand order ran 1.2-1.8x faster on XLA:CPU than x^T dy.
+      taps.append(jnp.einsum("ko,kc->oc", dy_tap.reshape(-1, out_channels),
+                             x_tap.reshape(-1, in_channels)))
+  weight_gradient = jnp.stack(taps).reshape(kernel_h, kernel_w, out_channels, in_channels)
+  return jnp.swapaxes(weight_gradient, 2, 3).astype(x.dtype)
+
+
+def _tap_sum_forward(x, kernel, strides, padding, dilation):
+  """The convolution as a sum over kernel taps of x_tap @ kernel[i, j], each product over only the
+  outputs whose input sample is in the image, padded back to the output size."""
+  kernel_h, kernel_w = kernel.shape[:2]
+  height, width = x.shape[1:3]
+  out_h = _output_size(height, kernel_h, strides[0], dilation[0], padding[0])
+  out_w = _output_size(width, kernel_w, strides[1], dilation[1], padding[1])
+  y = None
+  for i in range(kernel_h):
+    rows = _valid_outputs(height, out_h, i, strides[0], dilation[0], padding[0][0])
+    for j in range(kernel_w):
+      cols = _valid_outputs(width, out_w, j, strides[1], dilation[1], padding[1][0])
+      if rows[0] == rows[1] or cols[0] == cols[1]:
+        continue
+      x_tap = _input_tap(x, i, j, rows, cols, strides, padding, dilation)
+      part = jnp.einsum("nhwc,co->nhwo", x_tap, kernel[i, j])
+      part = jnp.pad(part, ((0, 0), (rows[0], out_h - rows[1]), (cols[0], out_w - cols[1]),
+                            (0, 0)))
+      y = part if y is None else y + part
+  if y is None:  # Every tap falls on padding.
+    y = jnp.zeros((x.shape[0], out_h, out_w, kernel.shape[3]), x.dtype)
+  return y
+
+
+def _forward(x, kernel, strides, padding, dilation):
+  """The forward pass, by the fastest of three formulations measured on XLA:CPU."""
+  if kernel.shape[:2] == (1, 1) and padding == ((0, 0), (0, 0)):
+    # A 1x1 convolution is a matrix product over channels (after subsampling for a stride).
+    x = x[:, ::strides[0], ::strides[1], :]
+    return jnp.einsum("nhwc,co->nhwo", x, kernel[0, 0])
+  if dilation != (1, 1):
+    # Dilated: XLA:CPU's kernel ran the ASPP's rate 6/12/18 convolutions of a 21x21 map at 40, 12
+    # and 5 GFLOP/s of useful work (it computes the padding too); per-tap products ran 1.3-12x
+    # faster, and stage 4's rate-2 convolutions 1.1x faster.
+    return _tap_sum_forward(x, kernel, strides, padding, dilation)
+  return _lax_conv(x, kernel, strides, padding, dilation)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _conv_with_tap_gradient(x, kernel, strides, padding, dilation):
+  return _forward(x, kernel, strides, padding, dilation)
+
+
+def _conv_fwd(x, kernel, strides, padding, dilation):
+  return _forward(x, kernel, strides, padding, dilation), (x, kernel)
+
+
+# Below this many input or output channels a kxk kernel's per-tap products are too thin to beat
+# XLA's kernel gradient (the 7x7 stem on 3 channels: 8x slower; 64 -> 64 3x3: 1.4x slower).
+MIN_CHANNELS_FOR_TAP_GRADIENT = 128
+
+
+def _weight_gradient(x, dy, kernel_shape, strides, padding, dilation):
+  kernel_h, kernel_w, in_channels, out_channels = kernel_shape
+  wide = min(in_channels, out_channels) >= MIN_CHANNELS_FOR_TAP_GRADIENT
+  if (kernel_h, kernel_w) == (1, 1) or wide:
+    return tap_weight_gradient(x, dy, kernel_shape, strides, padding, dilation)
+  _, kernel_vjp = jax.vjp(
+      lambda kernel: _lax_conv(x, kernel, strides, padding, dilation),
+      jnp.zeros(kernel_shape, x.dtype))
+  return kernel_vjp(dy)[0]
+
+
+def _conv_bwd(strides, padding, dilation, residuals, dy):
+  x, kernel = residuals
+  _, input_vjp = jax.vjp(lambda x: _forward(x, kernel, strides, padding, dilation), x)
+  weight_gradient = _weight_gradient(x, dy, kernel.shape, strides, padding, dilation)
+  return input_vjp(dy)[0], weight_gradient.astype(kernel.dtype)
+
+
+_conv_with_tap_gradient.defvjp(_conv_fwd, _conv_bwd)
+
+
+def _is_nhwc_hwio(dimension_numbers) -> bool:
+  if dimension_numbers is None:
+    return False
+  expected = jax.lax.conv_dimension_numbers((1, 1, 1, 1), (1, 1, 1, 1), _NHWC_HWIO)
+  given = jax.lax.conv_dimension_numbers((1, 1, 1, 1), (1, 1, 1, 1), dimension_numbers)
+  return given == expected
+
+
+def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                         dimension_numbers=None, feature_group_count=1, batch_group_count=1,
+                         precision=None, preferred_element_type=None, out_sharding=None):
+  """lax.conv_general_dilated's signature (what nnx.Conv calls), with the CPU fast path above for
+  plain NHWC/HWIO 2-D convolutions with explicit padding."""
+  def lax_conv(*operands):
+    return jax.lax.conv_general_dilated(
+        *operands, window_strides, padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
+        dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
+        batch_group_count=batch_group_count, precision=precision,
+        preferred_element_type=preferred_element_type, out_sharding=out_sharding)
+
+  explicit_padding = not isinstance(padding, str) and len(padding) == 2
+  plain = (lhs.ndim == 4 and explicit_padding and feature_group_count == 1
+           and batch_group_count == 1 and not any(d != 1 for d in (lhs_dilation or ()))
+           and precision is None and preferred_element_type is None and out_sharding is None
+           and lhs.dtype == rhs.dtype and _is_nhwc_hwio(dimension_numbers))
+  if not plain:
+    return lax_conv(lhs, rhs)
+  strides = tuple(int(s) for s in window_strides)
+  pads = tuple((int(lo), int(hi)) for lo, hi in padding)
+  dilation = tuple(int(d) for d in (rhs_dilation or (1, 1)))
+
+  def tap_path(x, kernel):
+    return _conv_with_tap_gradient(x, kernel, strides, pads, dilation)
+
+  return jax.lax.platform_dependent(lhs, rhs, cpu=tap_path, default=lax_conv)

@@ -1,0 +1,123 @@
+"""models/conv.py: the CPU formulations of convolution and its gradients equal XLA's convolution."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pseudoseg_jax.models import conv
+from pseudoseg_jax.models.resnet import conv2d
+from flax import nnx
+
+NHWC_HWIO = ("NHWC", "HWIO", "NHWC")
+
+# (kernel, stride, dilation, padding ((top, bottom), (left, right)), input [N, H, W])
+CASES = [
+    (1, 1, 1, ((0, 0), (0, 0)), (2, 7, 6)),     # bottleneck 1x1: a matrix product
+    (1, 2, 1, ((0, 0), (0, 0)), (2, 9, 8)),     # strided projection shortcut
+    (3, 1, 1, ((1, 1), (1, 1)), (2, 9, 9)),     # plain 3x3: XLA's kernel forward
+    (3, 2, 1, ((1, 1), (1, 1)), (2, 10, 11)),   # strided 3x3, odd output
+    (7, 2, 1, ((3, 3), (3, 3)), (1, 17, 13)),   # the 7x7/2 stem
+    (3, 1, 2, ((2, 2), (2, 2)), (2, 8, 7)),     # stage 4 at output stride 16
+    (3, 1, 6, ((6, 6), (6, 6)), (1, 7, 8)),     # ASPP rate 6: many taps on padding
+    (3, 1, 18, ((18, 18), (18, 18)), (1, 5, 5)),  # every off-centre tap on padding
+    (3, 2, 2, ((2, 1), (1, 2)), (1, 12, 9)),    # asymmetric padding, stride and dilation
+    (3, 1, 1, ((0, 2), (2, 0)), (1, 6, 6)),
+]
+
+
+def lax_conv(x, kernel, stride, dilation, padding):
+  return jax.lax.conv_general_dilated(x, kernel, (stride, stride), padding,
+                                      rhs_dilation=(dilation, dilation),
+                                      dimension_numbers=NHWC_HWIO)
+
+
+def our_conv(x, kernel, stride, dilation, padding):
+  numbers = jax.lax.conv_dimension_numbers(x.shape, kernel.shape, NHWC_HWIO)
+  return conv.conv_general_dilated(x, kernel, (stride, stride), padding,
+                                   rhs_dilation=(dilation, dilation), dimension_numbers=numbers)
+
+
+def normal(shape, dtype=jnp.float32, seed=0):
+  # NumPy: eager jax.random compiles its ops one by one, seconds per test on a CPU.
+  return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), dtype)
+
+
+def random_operands(kernel_size, shape, in_channels=4, out_channels=5, dtype=jnp.float32):
+  return (normal((*shape, in_channels), dtype, seed=0),
+          normal((kernel_size, kernel_size, in_channels, out_channels), dtype, seed=1))
+
+
+def value_and_grads(fn, x, kernel, cotangent):
+  y, vjp = jax.vjp(fn, x, kernel)
+  return (y, *vjp(cotangent))
+
+
+@pytest.mark.parametrize("tap_gradient_from_channels", [1, conv.MIN_CHANNELS_FOR_TAP_GRADIENT])
+@pytest.mark.parametrize("kernel_size,stride,dilation,padding,shape", CASES)
+def test_forward_and_both_gradients_equal_xla_convolution(kernel_size, stride, dilation, padding,
+                                                          shape, tap_gradient_from_channels,
+                                                          monkeypatch):
+  # 1: every kernel gradient by per-tap products; the default: XLA's for these thin kernels.
+  monkeypatch.setattr(conv, "MIN_CHANNELS_FOR_TAP_GRADIENT", tap_gradient_from_channels)
+  x, kernel = random_operands(kernel_size, shape)
+  reference = lambda x, k: lax_conv(x, k, stride, dilation, padding)
+  ours = lambda x, k: our_conv(x, k, stride, dilation, padding)
+  cotangent = normal(jax.eval_shape(reference, x, kernel).shape, seed=2)
+  expected = jax.jit(lambda x, k, c: value_and_grads(reference, x, k, c))(x, kernel, cotangent)
+  got = jax.jit(lambda x, k, c: value_and_grads(ours, x, k, c))(x, kernel, cotangent)
+  for name, want, have in zip(("output", "input gradient", "kernel gradient"), expected, got):
+    assert have.shape == want.shape and have.dtype == want.dtype, name
+    np.testing.assert_allclose(have, want, rtol=1e-5, atol=1e-4, err_msg=name)
+
+
+def test_bfloat16_keeps_xla_dtypes_and_values():
+  x, kernel = random_operands(3, (2, 9, 9), 8, 8, jnp.bfloat16)
+  padding = ((2, 2), (2, 2))
+  reference = lambda x, k: lax_conv(x, k, 1, 2, padding)
+  ours = lambda x, k: our_conv(x, k, 1, 2, padding)
+  cotangent = jnp.ones(jax.eval_shape(reference, x, kernel).shape, jnp.bfloat16)
+  expected = jax.jit(lambda x, k, c: value_and_grads(reference, x, k, c))(x, kernel, cotangent)
+  got = jax.jit(lambda x, k, c: value_and_grads(ours, x, k, c))(x, kernel, cotangent)
+  for want, have in zip(expected, got):
+    assert have.dtype == want.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.float32(have), np.float32(want), rtol=0.05, atol=0.5)
+
+
+def test_convolutions_it_does_not_handle_go_to_xla():
+  x, _ = random_operands(3, (1, 6, 6), 4)
+  depthwise = normal((3, 3, 1, 4), seed=3)
+  numbers = jax.lax.conv_dimension_numbers(x.shape, depthwise.shape, NHWC_HWIO)
+  for kwargs in ({"padding": ((1, 1), (1, 1)), "feature_group_count": 4},
+                 {"padding": "SAME", "feature_group_count": 4}):
+    want = jax.jit(lambda x, k: jax.lax.conv_general_dilated(
+        x, k, (1, 1), dimension_numbers=numbers, **kwargs))(x, depthwise)
+    have = jax.jit(lambda x, k: conv.conv_general_dilated(
+        x, k, (1, 1), dimension_numbers=numbers, **kwargs))(x, depthwise)
+    np.testing.assert_allclose(have, want, rtol=1e-6)
+
+
+def test_cpu_runs_dilated_convolutions_and_weight_gradients_as_matrix_products():
+  """The reason the module exists: on a CPU no XLA convolution is left in a dilated conv's training
+  step, and the weight gradient's FLOPs are the useful ones (taps on padding are skipped)."""
+  wide = conv.MIN_CHANNELS_FOR_TAP_GRADIENT
+  x, kernel = random_operands(3, (2, 21, 21), wide, wide)
+  padding = ((12, 12), (12, 12))
+  loss = lambda x, k: jnp.sum(our_conv(x, k, 1, 12, padding) ** 2)
+  compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, kernel).compile()
+  assert jax.default_backend() == "cpu"
+  assert " convolution(" not in compiled.as_text()
+
+  dy = jnp.ones((2, 21, 21, wide))
+  weight_grad = jax.jit(lambda x, dy: conv.tap_weight_gradient(
+      x, dy, kernel.shape, (1, 1), padding, (12, 12))).lower(x, dy).compile()
+  # Rate 12 on 21 rows: the centre tap sees all 21 output rows, an off-centre one 21 - 12 = 9.
+  valid_positions = sum(rows * cols for rows in (9, 21, 9) for cols in (9, 21, 9))
+  useful_flops = 2 * 2 * valid_positions * wide * wide
+  flops = weight_grad.cost_analysis()["flops"]
+  assert useful_flops <= flops <= 1.05 * useful_flops
+
+
+def test_model_convolutions_use_it():
+  layer = conv2d(4, 4, 3, dilation=2, rngs=nnx.Rngs(0))
+  assert layer.conv_general_dilated is conv.conv_general_dilated
