@@ -20,8 +20,6 @@ stays two stages because the strong view's colours are jittered between them, be
     cutout = sample_cutout(cutout_seed, geometry.crop_size, cutout_size=100)
     strong_view = cut_out(strong_view, cutout)                      # fill 127.5 inside the box
 
-(color.jitter_and_place fuses the strong view's jitter, normalization and placement.)
-
 Deviation from the original (and from this module before): the jitter sees the window, not the
 whole scaled image. Every jitter op is per pixel except contrast, whose per-channel mean is now the
 mean over the window's real pixels instead of over the whole scaled image.

@@ -121,8 +121,7 @@ def augment_unlabeled_example(example, seed, *, crop_size: augment.CropSize,
   """One geometry, two views (SPEC section 6); the keys of `unlabeled_stream`, unbatched.
 
   `jitter_colors(window, seed)` maps [0, 255] to [0, 255]; tests swap it to see the geometry
-  through the strong view. None is color.color_jitter, run fused with the placement
-  (color.jitter_and_place, the same pixels to float rounding). It sees the crop window's real pixels (augment.resize_window), not the
+  through the strong view; None is color.color_jitter. It sees the crop window's real pixels (augment.resize_window), not the
   whole scaled image: the one deliberate difference from the original, which only moves
   contrast's per-channel mean (window mean instead of whole-image mean); padding stays 127.5.
   """
@@ -138,10 +137,8 @@ def augment_unlabeled_example(example, seed, *, crop_size: augment.CropSize,
   views = {"weak_image": weak.pop("image"), **weak}
   if not strong_augment:
     return views | {"strong_image": views["weak_image"]}
-  if jitter_colors is None:
-    strong_image = color.jitter_and_place(window, jitter_seed, geometry.crop_size, geometry.flip)
-  else:
-    strong_image = augment.place_normalized_image(jitter_colors(window, jitter_seed), geometry)
+  jitter_colors = jitter_colors or color.color_jitter
+  strong_image = augment.place_normalized_image(jitter_colors(window, jitter_seed), geometry)
   box = augment.sample_cutout_box(cutout_seed, geometry.crop_size, cutout_size)
   # The original voids the box in the label it derives image-level labels from, so those name only
   # classes the strong view still shows. 'mask' itself keeps the box: it only serves monitoring,
