@@ -15,6 +15,7 @@ BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file
                           "benchmarks")
 sys.path.insert(0, BENCHMARKS)  # The scripts import their shared helpers as `common`.
 import common  # noqa: E402
+import conv_kernels  # noqa: E402
 import input_pipeline  # noqa: E402
 import train_step  # noqa: E402
 
@@ -176,3 +177,18 @@ def test_generated_photos_stand_in_when_the_sample_is_missing(tmp_path):
   from pseudoseg_jax.data.datasets import label_files
   mask = label_files.read_index_mask(str(tmp_path / "folder" / "masks" / "train_00001.png"))
   assert set(np.unique(mask)) == {0, 2, 255}  # Indices, not palette colours.
+
+
+def test_conv_kernels_benchmark_times_both_formulations_of_a_layer(capsys):
+  result = conv_kernels.main(["--layers=stage3_1x1", "--repeats=1"])
+  assert printed_line(capsys) == json.loads(json.dumps(result))
+  layer = result["layers"]["stage3_1x1"]
+  for formulation in ("xla", "ours"):
+    for part in ("forward", "input_gradient", "kernel_gradient"):
+      assert layer[formulation][part]["seconds"] > 0
+  # The same useful work either way: a 1x1 convolution's 2 * N*H*W * C_in * C_out per pass.
+  assert layer["ours"]["forward"]["xla_flops"] == layer["xla"]["forward"]["xla_flops"] \
+      == 2 * 2 * 21 * 21 * 1024 * 256
+  assert layer["speedup_of_forward_and_gradients"] > 0
+  with pytest.raises(SystemExit, match="unknown"):
+    conv_kernels.main(["--layers=nope"])
