@@ -5,6 +5,7 @@ convolution's forward and input gradient at 60-95 GFLOP/s but its weight gradien
 that contracts over batch and space, at 20-28 GFLOP/s: a third of a train step's FLOPs ran at a
 third of the speed; and its dilated convolutions compute the padding, so the ASPP's rates 12 and 18
 on a 21x21 map ran at 12 and 5 GFLOP/s of useful work.
+
 The weight gradient is a sum over kernel taps of plain matrix products,
 
     dW[i, j] = x_tap(i, j)^T @ dy,   x_tap(i, j)[n, h, w] = x[n, h*s + i*d - pad, w*s + j*d - pad]
@@ -12,7 +13,8 @@ The weight gradient is a sum over kernel taps of plain matrix products,
 (s stride, d dilation), which XLA:CPU runs at its matmul speed. Each tap's product only covers the
 output rows and columns whose input sample is inside the image, so no FLOP is spent on padding
 (the ASPP's rate-12/18 taps on a 21x21 map mostly fall outside it) and XLA's FLOP count of the step
-stays the useful work. Dilated convolutions run forward the same way (a sum of per-tap products
+stays the useful work. (1x1 kernels always; kxk kernels when both channel counts reach
+MIN_CHANNELS_FOR_TAP_GRADIENT, below which XLA's own gradient is faster.) Dilated convolutions run forward the same way (a sum of per-tap products
 over their valid outputs), so their input gradient, XLA's transpose of that, does too; 1x1
 convolutions run forward as one matrix product.
 
