@@ -18,9 +18,11 @@ MIN_CHANNELS_FOR_TAP_GRADIENT, below which XLA's own gradient is faster.) Dilate
 over their valid outputs), so their input gradient, XLA's transpose of that, does too; 1x1
 convolutions run forward as one matrix product.
 
-GPUs and TPUs keep XLA's own convolution kernels (cuDNN's and the TPU's are already fast): the choice
-is made per platform when the step is lowered, by `jax.lax.platform_dependent`. Everything else
-(grouped / depthwise convolutions, input dilation, other layouts) goes to lax.conv_general_dilated.
+GPUs and TPUs keep XLA's own convolution kernels (cuDNN's and the TPU's are already fast). The
+choice is made when the step is traced, from JAX's default backend: `jax.lax.platform_dependent`
+would defer it to lowering, but it traces both formulations, and the tiny demo's train step then took
+25 s to trace and 58 s to compile, against 10 s and 28 s. Everything else (grouped / depthwise
+convolutions, input dilation, other layouts) goes to lax.conv_general_dilated.
 """
 
 from __future__ import annotations
@@ -193,7 +195,6 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
   pads = tuple((int(lo), int(hi)) for lo, hi in padding)
   dilation = tuple(int(d) for d in (rhs_dilation or (1, 1)))
 
-  def tap_path(x, kernel):
-    return _conv_with_tap_gradient(x, kernel, strides, pads, dilation)
-
-  return jax.lax.platform_dependent(lhs, rhs, cpu=tap_path, default=lax_conv)
+  if jax.default_backend() != "cpu":
+    return lax_conv(lhs, rhs)
+  return _conv_with_tap_gradient(lhs, rhs, strides, pads, dilation)
