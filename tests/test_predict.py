@@ -148,11 +148,12 @@ def test_mask_is_the_argmax_over_the_eval_crop_canvas_cropped_back(model, scores
   canvas[:height, :width] = image
   probabilities = scores_fn(canvas[None])[0]
   np.testing.assert_array_equal(mask, np.argmax(probabilities, axis=-1)[:height, :width])
-  # The model itself, outside the compiled scoring function: same probabilities up to rounding.
+  # The model itself, outside the compiled scoring function: same probabilities up to rounding
+  # (two programs, 4-way sharded against one device; up to 2.5e-5 apart at XLA:CPU's level 0).
   logits = steps.predict_logits(model.params, model.batch_stats, jnp.asarray(canvas[None]),
                                 graphdef=model.graphdef)
   np.testing.assert_allclose(np.asarray(jax.nn.softmax(logits, axis=-1))[0], probabilities,
-                             atol=1e-5)
+                             atol=1e-4)
 
 
 def test_exif_rotated_jpeg_gives_the_mask_of_the_displayed_image(model, scores_fn, shared_data_dir,
