@@ -35,7 +35,6 @@ DEVICES_PER_PROCESS = 2  # 2 x 2 devices against the reference's 1 x 4 (conftest
 # Every step logged, so each step's numbers are compared.
 OVERRIDES = {**TINY_OVERRIDES, "method": "supervised", "optimizer.name": "sgd",
              "optimizer.learning_rate": 0.01, "log_every": 1, "image_summary_every": 0}
-XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 COMPARED_TOLERANCE = dict(rtol=1e-5, atol=1e-6)
 PROCESS_TIMEOUT_S = 300
 
@@ -128,9 +127,9 @@ def free_port() -> int:
 
 
 def process_env(num_devices: int) -> dict:
-  # Unoptimized CPU code compiles in half the time; both sides get it, so the same programs run.
+  # XLA_FLAGS (conftest's unoptimized CPU code) is inherited: both sides run the same programs.
   return {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu",
-          "JAX_NUM_CPU_DEVICES": str(num_devices), "XLA_FLAGS": XLA_FLAGS}
+          "JAX_NUM_CPU_DEVICES": str(num_devices)}
 
 
 def main_command(workdir, data_dir, *extra) -> list:

@@ -189,12 +189,9 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
            and batch_group_count == 1 and not any(d != 1 for d in (lhs_dilation or ()))
            and precision is None and preferred_element_type is None and out_sharding is None
            and lhs.dtype == rhs.dtype and _is_nhwc_hwio(dimension_numbers))
-  if not plain:
+  if not plain or jax.default_backend() != "cpu":
     return lax_conv(lhs, rhs)
   strides = tuple(int(s) for s in window_strides)
   pads = tuple((int(lo), int(hi)) for lo, hi in padding)
   dilation = tuple(int(d) for d in (rhs_dilation or (1, 1)))
-
-  if jax.default_backend() != "cpu":
-    return lax_conv(lhs, rhs)
   return _conv_with_tap_gradient(lhs, rhs, strides, pads, dilation)
