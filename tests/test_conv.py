@@ -19,6 +19,7 @@ CASES = [
     (3, 2, 1, ((1, 1), (1, 1)), (2, 10, 11)),   # strided 3x3, odd output
     (7, 2, 1, ((3, 3), (3, 3)), (1, 17, 13)),   # the 7x7/2 stem
     (3, 1, 2, ((2, 2), (2, 2)), (2, 8, 7)),     # stage 4 at output stride 16
+    (3, 1, 2, ((2, 2), (2, 2)), (1, 13, 13)),   # the demo's ASPP rate 2: thin forwards go to XLA
     (3, 1, 6, ((6, 6), (6, 6)), (1, 7, 8)),     # ASPP rate 6: many taps on padding
     (3, 1, 18, ((18, 18), (18, 18)), (1, 5, 5)),  # every off-centre tap on padding
     (3, 2, 2, ((2, 1), (1, 2)), (1, 12, 9)),    # asymmetric padding, stride and dilation
@@ -53,13 +54,13 @@ def value_and_grads(fn, x, kernel, cotangent):
   return (y, *vjp(cotangent))
 
 
-@pytest.mark.parametrize("tap_gradient_from_channels", [1, conv.MIN_CHANNELS_FOR_TAP_GRADIENT])
+@pytest.mark.parametrize("taps_from_channels", [1, conv.MIN_CHANNELS_FOR_TAPS])
 @pytest.mark.parametrize("kernel_size,stride,dilation,padding,shape", CASES)
 def test_forward_and_both_gradients_equal_xla_convolution(kernel_size, stride, dilation, padding,
-                                                          shape, tap_gradient_from_channels,
-                                                          monkeypatch):
-  # 1: every kernel gradient by per-tap products; the default: XLA's for these thin kernels.
-  monkeypatch.setattr(conv, "MIN_CHANNELS_FOR_TAP_GRADIENT", tap_gradient_from_channels)
+                                                          shape, taps_from_channels, monkeypatch):
+  # 1: every kernel gradient and dilated forward by per-tap products; the default: XLA's for these
+  # thin kernels, except dilated forwards with much padding.
+  monkeypatch.setattr(conv, "MIN_CHANNELS_FOR_TAPS", taps_from_channels)
   x, kernel = random_operands(kernel_size, shape)
   reference = lambda x, k: lax_conv(x, k, stride, dilation, padding)
   ours = lambda x, k: our_conv(x, k, stride, dilation, padding)
@@ -100,7 +101,7 @@ def test_convolutions_it_does_not_handle_go_to_xla():
 def test_cpu_runs_dilated_convolutions_and_weight_gradients_as_matrix_products():
   """The reason the module exists: on a CPU no XLA convolution is left in a dilated conv's training
   step, and the weight gradient's FLOPs are the useful ones (taps on padding are skipped)."""
-  wide = conv.MIN_CHANNELS_FOR_TAP_GRADIENT
+  wide = conv.MIN_CHANNELS_FOR_TAPS
   x, kernel = random_operands(3, (2, 21, 21), wide, wide)
   padding = ((12, 12), (12, 12))
   loss = lambda x, k: jnp.sum(our_conv(x, k, 1, 12, padding) ** 2)
@@ -116,6 +117,29 @@ def test_cpu_runs_dilated_convolutions_and_weight_gradients_as_matrix_products()
   useful_flops = 2 * 2 * valid_positions * wide * wide
   flops = weight_grad.cost_analysis()["flops"]
   assert useful_flops <= flops <= 1.05 * useful_flops
+
+
+def test_padding_share_counts_the_taps_that_fall_outside_the_image():
+  def share(size, dilation, kernel=3):
+    pad = dilation * (kernel - 1) // 2
+    return conv._padding_share((1, size, size, 1), (kernel, kernel, 1, 1), (1, 1),
+                               ((pad, pad), (pad, pad)), (dilation, dilation))
+  # Per axis, an off-centre tap sees size - dilation of the size outputs.
+  assert share(13, 2) == pytest.approx(1 - ((11 + 13 + 11) / 39) ** 2)
+  assert share(21, 12) == pytest.approx(1 - ((9 + 21 + 9) / 63) ** 2)
+  assert share(5, 18) == pytest.approx(1 - (5 / 15) ** 2)  # only the centre tap is inside
+  assert share(9, 1, kernel=1) == 0.0
+
+
+def test_thin_dilated_convolutions_run_tap_by_tap_only_with_much_padding():
+  thin = conv.MIN_CHANNELS_FOR_TAPS // 2
+  def forward_hlo(dilation):
+    x, kernel = random_operands(3, (1, 13, 13), thin, thin)
+    padding = ((dilation, dilation), (dilation, dilation))
+    return jax.jit(lambda x, k: our_conv(x, k, 1, dilation, padding)).lower(
+        x, kernel).compile().as_text()
+  assert " convolution(" in forward_hlo(2)  # 19% of the work on padding: XLA's kernel
+  assert " convolution(" not in forward_hlo(4)  # 37%: per-tap products
 
 
 def test_model_convolutions_use_it():

@@ -36,6 +36,10 @@ DEVICES_PER_PROCESS = 2  # 2 x 2 devices against the reference's 1 x 4 (conftest
 OVERRIDES = {**TINY_OVERRIDES, "method": "supervised", "optimizer.name": "sgd",
              "optimizer.learning_rate": 0.01, "log_every": 1, "image_summary_every": 0}
 COMPARED_TOLERANCE = dict(rtol=1e-5, atol=1e-6)
+# Validation IoUs count pixels: a pixel whose two top logits tie within rounding may take either
+# class in the two runs, which moves a class's IoU by about 1/union (seen: 6e-6, with XLA:CPU's
+# loop emitters). A host's missing or doubled images would move them by far more.
+IOU_TOLERANCE = dict(rtol=0, atol=1e-3)
 PROCESS_TIMEOUT_S = 300
 
 
@@ -211,8 +215,9 @@ def test_each_step_equals_one_process_fed_the_hosts_batches(runs):
   for got, expected in zip(multi, reference):
     for name in expected:
       if name != "train/steps_per_second":
+        tolerance = IOU_TOLERANCE if name.startswith("val/") else COMPARED_TOLERANCE
         np.testing.assert_allclose(got[name], expected[name], err_msg=f"{name} at step "
-                                   f"{expected['step']}", **COMPARED_TOLERANCE)
+                                   f"{expected['step']}", **tolerance)
 
 
 def saved_state(workdir, step):
@@ -247,7 +252,7 @@ def test_only_process_0_writes_metrics_and_results(runs):
     expected = json.load(f)
   assert results["step"] == 4
   np.testing.assert_allclose(results["val/iou_per_class"], expected["val/iou_per_class"],
-                             **COMPARED_TOLERANCE)
+                             **IOU_TOLERANCE)
   leftovers = [name for name in os.listdir(multi_workdir) if name.startswith(".tmp")]
   assert not leftovers
 

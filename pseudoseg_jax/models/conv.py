@@ -14,9 +14,10 @@ The weight gradient is a sum over kernel taps of plain matrix products,
 output rows and columns whose input sample is inside the image, so no FLOP is spent on padding
 (the ASPP's rate-12/18 taps on a 21x21 map mostly fall outside it) and XLA's FLOP count of the step
 stays the useful work. (1x1 kernels always; kxk kernels when both channel counts reach
-MIN_CHANNELS_FOR_TAP_GRADIENT, below which XLA's own gradient is faster.) Dilated convolutions run forward the same way (a sum of per-tap products
-over their valid outputs), so their input gradient, XLA's transpose of that, does too; 1x1
-convolutions run forward as one matrix product.
+MIN_CHANNELS_FOR_TAPS, below which XLA's own gradient is faster.) Dilated convolutions run forward
+the same way (a sum of per-tap products over their valid outputs), so their input gradient, XLA's
+transpose of that, does too, when they are that wide or at least MIN_PADDING_SHARE_FOR_TAP_FORWARD
+of their dense work is padding; 1x1 convolutions run forward as one matrix product.
 
 GPUs and TPUs keep XLA's own convolution kernels (cuDNN's and the TPU's are already fast). The
 choice is made when the step is traced, from JAX's default backend: `jax.lax.platform_dependent`
@@ -115,16 +116,45 @@ def _tap_sum_forward(x, kernel, strides, padding, dilation):
   return y
 
 
+# Below this many input or output channels a kxk kernel's per-tap products are too thin to beat
+# XLA's kernels: its kernel gradient (the 7x7 stem on 3 channels: 8x slower by taps; 64 -> 64 3x3:
+# 1.4x slower) and, unless much of the work is padding, its dilated forward (the demo's ASPP rate 2,
+# 512 -> 64 channels on a 13x13 map, batch 16: forward and input gradient 2.7x slower by taps).
+MIN_CHANNELS_FOR_TAPS = 128
+# A thin dilated convolution still runs tap by tap when at least this share of its dense work falls
+# on padding (the demo's ASPP rates 4 and 6 on 13x13: 37% and 52%, 1.7x and 2x faster by taps; rate
+# 2: 19%, slower).
+MIN_PADDING_SHARE_FOR_TAP_FORWARD = 0.25
+
+
+def _wide(kernel_shape) -> bool:
+  return min(kernel_shape[2], kernel_shape[3]) >= MIN_CHANNELS_FOR_TAPS
+
+
+def _padding_share(x_shape, kernel_shape, strides, padding, dilation) -> float:
+  """The fraction of a dense convolution's tap products whose input sample is padding."""
+  valid = 1.0
+  for axis in range(2):
+    size, kernel = x_shape[1 + axis], kernel_shape[axis]
+    out = _output_size(size, kernel, strides[axis], dilation[axis], padding[axis])
+    inside = sum(last - first for first, last in (
+        _valid_outputs(size, out, tap, strides[axis], dilation[axis], padding[axis][0])
+        for tap in range(kernel)))
+    valid *= inside / (kernel * out)
+  return 1.0 - valid
+
+
 def _forward(x, kernel, strides, padding, dilation):
   """The forward pass, by the fastest of three formulations measured on XLA:CPU."""
   if kernel.shape[:2] == (1, 1) and padding == ((0, 0), (0, 0)):
     # A 1x1 convolution is a matrix product over channels (after subsampling for a stride).
     x = x[:, ::strides[0], ::strides[1], :]
     return jnp.einsum("nhwc,co->nhwo", x, kernel[0, 0])
-  if dilation != (1, 1):
+  if dilation != (1, 1) and (_wide(kernel.shape) or _padding_share(
+      x.shape, kernel.shape, strides, padding, dilation) >= MIN_PADDING_SHARE_FOR_TAP_FORWARD):
     # Dilated: XLA:CPU's kernel ran the ASPP's rate 6/12/18 convolutions of a 21x21 map at 40, 12
     # and 5 GFLOP/s of useful work (it computes the padding too); per-tap products ran 1.3-12x
-    # faster, and stage 4's rate-2 convolutions 1.1x faster.
+    # faster, and stage 4's rate-2 convolutions (512 channels) 1.1x faster.
     return _tap_sum_forward(x, kernel, strides, padding, dilation)
   return _lax_conv(x, kernel, strides, padding, dilation)
 
@@ -138,15 +168,8 @@ def _conv_fwd(x, kernel, strides, padding, dilation):
   return _forward(x, kernel, strides, padding, dilation), (x, kernel)
 
 
-# Below this many input or output channels a kxk kernel's per-tap products are too thin to beat
-# XLA's kernel gradient (the 7x7 stem on 3 channels: 8x slower; 64 -> 64 3x3: 1.4x slower).
-MIN_CHANNELS_FOR_TAP_GRADIENT = 128
-
-
 def _weight_gradient(x, dy, kernel_shape, strides, padding, dilation):
-  kernel_h, kernel_w, in_channels, out_channels = kernel_shape
-  wide = min(in_channels, out_channels) >= MIN_CHANNELS_FOR_TAP_GRADIENT
-  if (kernel_h, kernel_w) == (1, 1) or wide:
+  if kernel_shape[:2] == (1, 1) or _wide(kernel_shape):
     return tap_weight_gradient(x, dy, kernel_shape, strides, padding, dilation)
   _, kernel_vjp = jax.vjp(
       lambda kernel: _lax_conv(x, kernel, strides, padding, dilation),
