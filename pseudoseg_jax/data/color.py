@@ -57,25 +57,20 @@ def adjust_brightness(x, delta):
   return x + tf.cast(delta, x.dtype)
 
 
-def adjust_contrast(x, factor, valid=None):
-  """tf.image.adjust_contrast over the pixels where `valid` ([h, w, 1] bool), or all of them."""
-  if valid is None:
-    mean = tf.reduce_mean(x, axis=[-3, -2], keepdims=True)
-  else:
-    count = tf.reduce_sum(tf.cast(valid, x.dtype))
-    mean = tf.reduce_sum(tf.where(valid, x, 0.0), axis=[-3, -2], keepdims=True) / count
+def adjust_contrast(x, factor):
+  """tf.image.adjust_contrast: each channel scaled by `factor` about its mean over the image."""
+  mean = tf.reduce_mean(x, axis=[-3, -2], keepdims=True)
   return (x - mean) * tf.cast(factor, x.dtype) + mean
 
 
-def apply_color_jitter(image, jitter: ColorJitter, valid=None):
+def apply_color_jitter(image, jitter: ColorJitter):
   """float [h, w, 3] in [0, 255] -> float32 in [0, 255]: the four ops in `jitter.order`.
 
   Works on [0, 1] (the range tf.image.adjust_* expects) and clips after every op, so that an
-  overshoot of one op is not undone by the next. `valid` ([h, w, 1] bool) limits contrast's mean
-  to those pixels (the window inside a padded canvas).
+  overshoot of one op is not undone by the next.
   """
   ops = (lambda x: adjust_brightness(x, jitter.brightness_delta),
-         lambda x: adjust_contrast(x, jitter.contrast_factor, valid),
+         lambda x: adjust_contrast(x, jitter.contrast_factor),
          lambda x: tf.image.adjust_saturation(x, jitter.saturation_factor),
          lambda x: tf.image.adjust_hue(x, jitter.hue_delta))
   x = tf.cast(image, tf.float32) / 255.0
