@@ -182,7 +182,7 @@ def without_autograph(map_fn: Callable) -> Callable:
 
   The pipeline's functions branch only on Python values (shapes, config) and use tf.cond /
   tf.switch_case where the data decides, so AutoGraph has nothing to convert; converting them
-  anyway parsed and rewrote their source on every stream built: 8.5 of the 10.5 s a tiny training
+  anyway parsed and rewrote their source on every stream built: 8.5 of the 10.3 s a tiny training
   run spent building its tf.data streams.
   """
   return tf.autograph.experimental.do_not_convert(map_fn)
