@@ -155,15 +155,17 @@ def make_mesh(num_devices: int = 0):
 
 
 def initial_state(config: ml_collections.ConfigDict, mesh):
-  """(graphdef, tx, state replicated on the mesh), as train.run makes them for a fresh run."""
-  graphdef, tx, state = steps.create_train_state(config, config.seed)
-  return graphdef, tx, jax.device_put(state, sharding.replicated(mesh))
+  """(graphdef, state replicated on the mesh), as train.run makes them for a fresh run."""
+  graphdef, _, state = steps.create_train_state(config, config.seed)
+  return graphdef, jax.device_put(state, sharding.replicated(mesh))
 
 
-def jitted_train_step(config: ml_collections.ConfigDict, graphdef, tx, state, mesh):
-  """train.run's own jitted step (replicated state donated, batch split on 'data')."""
+def jitted_train_step(config: ml_collections.ConfigDict, graphdef, state, mesh):
+  """train.run's own jitted step (replicated state donated, batch split on 'data'), as
+  (fn, schedule length): train.run calls fn(state, batch, schedule length)."""
   from pseudoseg_jax import train
-  return train.make_train_fn(config, graphdef, tx, state, mesh)
+  return (train.make_train_fn(config, graphdef, state, mesh),
+          train.schedule_length(config, mesh))
 
 
 def in_memory_source(num_classes: int, *, num_images: int = 4, height: int = 375,

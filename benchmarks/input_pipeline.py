@@ -242,12 +242,12 @@ def stand_in_step(args, mesh):
       labeled=args.labeled, unlabeled=args.unlabeled, dtype=args.dtype,
       output_stride=args.output_stride, num_classes=NUM_CLASSES, head=args.head,
       optimizer=args.optimizer, overrides=args.overrides)
-  graphdef, tx, state = common.initial_state(config, mesh)
-  train_fn = common.jitted_train_step(config, graphdef, tx, state, mesh)
+  graphdef, state = common.initial_state(config, mesh)
+  train_fn, total_steps = common.jitted_train_step(config, graphdef, state, mesh)
   holder = {"state": state}
 
   def step(batch):
-    holder["state"], metrics = train_fn(holder["state"], batch)
+    holder["state"], metrics = train_fn(holder["state"], batch, total_steps)
     jax.block_until_ready((holder["state"], metrics))
 
   return step, f"train_step {args.backbone} {args.dtype} ({args.config}, head {args.head})"

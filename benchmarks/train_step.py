@@ -142,14 +142,14 @@ def main(argv: Sequence[str] = ()) -> dict:
               f"{mesh.devices.size} {machine['device_kind']} device(s).")
 
   started = time.perf_counter()
-  graphdef, tx, state = common.initial_state(config, mesh)
+  graphdef, state = common.initial_state(config, mesh)
   jax.block_until_ready(state)
   init_seconds = time.perf_counter() - started
   batch = one_batch(config, mesh)
 
-  train_fn = common.jitted_train_step(config, graphdef, tx, state, mesh)
+  train_fn, total_steps = common.jitted_train_step(config, graphdef, state, mesh)
   started = time.perf_counter()
-  lowered = train_fn.lower(state, batch)
+  lowered = train_fn.lower(state, batch, total_steps)
   lower_seconds = time.perf_counter() - started
   started = time.perf_counter()
   compiled = lowered.compile()
@@ -163,7 +163,7 @@ def main(argv: Sequence[str] = ()) -> dict:
   times = []
   for index in range(args.warmup + args.steps):
     started = time.perf_counter()
-    state, metrics = compiled(state, batch)
+    state, metrics = compiled(state, batch, total_steps)
     jax.block_until_ready((state, metrics))
     times.append(time.perf_counter() - started)
     common.note(f"step {index + 1}/{args.warmup + args.steps}: {times[-1]:.3f} s"

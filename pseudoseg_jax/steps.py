@@ -62,18 +62,32 @@ def weight_decay_mask(params: dict) -> dict:
   return jax.tree_util.tree_map_with_path(is_decayed, params)
 
 
-def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
-  """Poly decay from the base rate to `end_learning_rate` over all steps, no warm-up (SPEC 7)."""
+def learning_rate_schedule(config: ml_collections.ConfigDict,
+                           total_steps: int | jax.Array | None = None) -> optax.Schedule:
+  """Poly decay from the base rate to `end_learning_rate` over all steps, no warm-up (SPEC 7).
+
+  `total_steps` (config.total_steps by default) may be a traced scalar: the train step takes it as
+  an argument, so that runs of different lengths (a run resumed with more steps, a sweep over
+  lengths) share one compiled program. Same arithmetic as optax.polynomial_schedule, which needs a
+  Python number.
+  """
   opt = config.optimizer
-  return optax.polynomial_schedule(init_value=opt.learning_rate, end_value=opt.end_learning_rate,
-                                   power=opt.poly_power, transition_steps=config.total_steps)
+  total = config.total_steps if total_steps is None else total_steps
+
+  def schedule(step):
+    remaining = 1 - jnp.clip(step, 0, total) / total
+    return (opt.learning_rate - opt.end_learning_rate) * remaining**opt.poly_power + \
+        opt.end_learning_rate
+  return schedule
 
 
-def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+def make_optimizer(config: ml_collections.ConfigDict,
+                   total_steps: int | jax.Array | None = None) -> optax.GradientTransformation:
   """SGD with momentum (SPEC 7), or Adam for models trained from scratch in few steps: with
   He-initialized kernels behind batch norm, SGD's effective step lr / |w|^2 is tiny at first, which
-  pretrained backbones do not mind but a from-scratch CPU demo does."""
-  schedule = learning_rate_schedule(config)
+  pretrained backbones do not mind but a from-scratch CPU demo does. `total_steps`: as in
+  learning_rate_schedule (the schedule is the only part that depends on it)."""
+  schedule = learning_rate_schedule(config, total_steps)
   if config.optimizer.name == "adam":
     update = optax.adam(schedule)
   else:
@@ -88,8 +102,10 @@ def create_train_state(config: ml_collections.ConfigDict, seed: int):
   """Returns (graphdef, optimizer, state) for a freshly initialized model."""
   graphdef, params, batch_stats = init_model(config, seed)
   tx = make_optimizer(config)
+  # One program for the whole optimizer state: eagerly, every zeros_like is its own XLA compile
+  # (33 of them, 1.2 s, for the tiny demo model).
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
-                     opt_state=tx.init(params))
+                     opt_state=jax.jit(tx.init)(params))
   return graphdef, tx, state
 
 
@@ -316,8 +332,11 @@ def pseudo_label_images(params: dict, batch_stats: dict, unlabeled: dict, key: j
 # --------------------------------------------------------------------------------------------------
 
 
-def train_step(state: TrainState, batch: dict, *, graphdef: nnx.GraphDef,
-               tx: optax.GradientTransformation, config: ml_collections.ConfigDict):
+def train_step(state: TrainState, batch: dict, total_steps: int | jax.Array | None = None, *,
+               graphdef: nnx.GraphDef, config: ml_collections.ConfigDict):
+  """One optimizer step. `total_steps`, the learning-rate schedule's length, defaults to
+  config.total_steps; train.py passes it as an array so that its value is not compiled in."""
+  tx = make_optimizer(config, total_steps)
   key = step_key(config.seed, state.step)
   if config.method == "pseudoseg":
     loss_fn = functools.partial(pseudoseg_loss, step=state.step)
@@ -332,7 +351,7 @@ def train_step(state: TrainState, batch: dict, *, graphdef: nnx.GraphDef,
   # A non-finite gradient anywhere makes the global norm non-finite, so two scalars cover the step.
   all_finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   metrics = {**metrics, "train/loss": loss, "train/grad_norm": grad_norm,
-             "train/learning_rate": learning_rate_schedule(config)(state.step),
+             "train/learning_rate": learning_rate_schedule(config, total_steps)(state.step),
              "train/all_finite": all_finite}
   new_state = state.replace(step=state.step + 1, params=new_params, batch_stats=new_stats,
                             opt_state=new_opt_state)

@@ -177,13 +177,20 @@ def training_batches(config: ml_collections.ConfigDict, source: datasets.Source,
           for labeled_batch, unlabeled_batch in zip(labeled, unlabeled))
 
 
-def make_train_fn(config: ml_collections.ConfigDict, graphdef, tx, state, mesh):
-  """The jitted train step: the state replicated and donated, the batch split over 'data'."""
+def make_train_fn(config: ml_collections.ConfigDict, graphdef, state, mesh):
+  """The jitted train step, called as (state, batch, schedule_length(config, mesh)): the state
+  replicated and donated, the batch split over 'data'. The schedule's length is an argument rather
+  than a constant, so a run resumed with a larger total_steps reuses the compiled program."""
   replicated = sharding.replicated(mesh)
   state_sharding = jax.tree.map(lambda _: replicated, state)
-  return jax.jit(functools.partial(steps.train_step, graphdef=graphdef, tx=tx, config=config),
-                 in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
+  return jax.jit(functools.partial(steps.train_step, graphdef=graphdef, config=config),
+                 in_shardings=(state_sharding, sharding.batch_sharding(mesh), replicated),
                  out_shardings=(state_sharding, replicated), donate_argnums=0)
+
+
+def schedule_length(config: ml_collections.ConfigDict, mesh) -> jax.Array:
+  """config.total_steps as the train step's argument: an int32 scalar replicated over the mesh."""
+  return sharding.replicate(np.int32(config.total_steps), mesh)
 
 
 def total_stream_shards(config: ml_collections.ConfigDict) -> int:
@@ -226,7 +233,7 @@ def with_pretrained_backbone(state: steps.TrainState, tx,
       source=model_config.init_from)
   log.info("Backbone initialized from %s (%d tensors); heads initialized at random.",
            model_config.init_from, len(weights))
-  return state.replace(params=params, batch_stats=batch_stats, opt_state=tx.init(params))
+  return state.replace(params=params, batch_stats=batch_stats, opt_state=jax.jit(tx.init)(params))
 
 
 def without_unmeasured(metrics: dict, source: datasets.Source) -> dict:
@@ -311,7 +318,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   writer = writers.MetricWriter(workdir, enabled=is_writer)
 
   replicated = sharding.replicated(mesh)
-  train_fn = make_train_fn(config, graphdef, tx, state, mesh)
+  train_fn = make_train_fn(config, graphdef, state, mesh)
+  total_steps = schedule_length(config, mesh)
   eval_fn = jax.jit(
       functools.partial(steps.eval_step, graphdef=graphdef, num_classes=config.data.num_classes,
                         ignore_label=config.data.ignore_label),
@@ -343,7 +351,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       global_batch = sharding.to_global(local_batch, mesh)
       if wants_images and (step % config.image_summary_every == 0 or step == start_step + 1):
         write_pseudo_label_summary(writer, images_fn, state, local_batch, global_batch, config)
-      state, metrics = train_fn(state, global_batch)
+      state, metrics = train_fn(state, global_batch, total_steps)
       pending_metrics.append(metrics)
       if step == start_step + 1:
         progress.restart_clock(step)  # Keep compile time out of steps/s.

@@ -58,12 +58,12 @@ def shared_data_dir() -> pathlib.Path:
   return SHARED_DATA_DIR
 
 
-# The end-to-end modules: each starts training processes or compiles several PseudoSeg steps (1.5-5
-# min of a 2-worker run each). They go first, largest first, so that pytest-xdist's two workers
-# finish together; by default it orders files by their number of tests, which put these few-test
-# files last and left one worker running them alone for minutes (a 16-minute run with 13 minutes of
-# work per worker).
-LONGEST_MODULES_FIRST = ("test_preemption.py", "test_train.py", "test_multiprocess.py",
+# The end-to-end modules: each starts training processes or compiles several PseudoSeg steps (1-5
+# min of a 2-worker run each). They go first, so that pytest-xdist's two workers finish together;
+# by default it orders files by their number of tests, which put these few-test files last and
+# left one worker running them alone for minutes. test_train goes before test_preemption, whose
+# runs then find test_train's train and eval steps in the compilation cache.
+END_TO_END_MODULES_FIRST = ("test_train.py", "test_multiprocess.py", "test_preemption.py",
                          "test_notebook.py", "test_evaluate.py", "test_pseudoseg_step.py",
                          "test_voc.py", "test_steps.py", "test_folder.py", "test_pipeline.py")
 
@@ -76,8 +76,8 @@ def pytest_configure(config):
 def pytest_collection_modifyitems(items):
   def rank(item):
     name = item.path.name
-    return LONGEST_MODULES_FIRST.index(name) if name in LONGEST_MODULES_FIRST else len(
-        LONGEST_MODULES_FIRST)
+    return END_TO_END_MODULES_FIRST.index(name) if name in END_TO_END_MODULES_FIRST else len(
+        END_TO_END_MODULES_FIRST)
   items.sort(key=rank)  # Stable: each module's own order, and the others', is kept.
 
 

@@ -31,11 +31,12 @@ def data_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def subprocess_env(tmp_path_factory):
-  """The runs share JAX's persistent compilation cache: only the first one compiles (the
-  executable is the same, so are the numbers)."""
-  return {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("jax_cache")),
-          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+def subprocess_env():
+  """The runs keep every program, however small, in the test run's compilation cache (conftest):
+  only the first one compiles (the executable is the same, so are the numbers). Their train and
+  eval steps are test_train's (same model and batches; the step's program does not depend on
+  total_steps), which conftest schedules first."""
+  return {**os.environ, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
           "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
 
 
@@ -150,12 +151,12 @@ def poisoned_at(step_to_poison):
   """steps.train_step with NaN images at one step (1-based): its loss and gradients are NaN."""
   original = steps.train_step
 
-  def train_step(state, batch, **kwargs):
+  def train_step(state, batch, *args, **kwargs):
     poisoned = state.step + 1 == step_to_poison
     batch = jax.tree.map(
         lambda x: jnp.where(poisoned, jnp.nan, x) if jnp.issubdtype(x.dtype, jnp.floating) else x,
         batch)
-    return original(state, batch, **kwargs)
+    return original(state, batch, *args, **kwargs)
   return train_step
 
 

@@ -4,9 +4,10 @@ import functools
 
 import jax
 import numpy as np
+import optax
 import pytest
 
-from pseudoseg_jax import checkpointing, sharding, steps
+from pseudoseg_jax import checkpointing, sharding, steps, train
 from pseudoseg_jax import config as config_lib
 
 CROP = 33
@@ -36,12 +37,12 @@ def random_batch(seed, batch_size=4, num_classes=5):
 @pytest.fixture(scope="module")
 def setup():
   config = tiny_config()
-  graphdef, tx, state = steps.create_train_state(config, 0)
-  return config, graphdef, tx, state
+  graphdef, _, state = steps.create_train_state(config, 0)
+  return config, graphdef, state
 
 
 def loss_and_grads_on(devices, setup, batch):
-  config, graphdef, _, state = setup
+  config, graphdef, state = setup
   mesh = sharding.make_mesh(devices)
   replicated = sharding.replicated(mesh)
   state = jax.device_put(state, replicated)
@@ -67,9 +68,9 @@ def test_loss_gradients_and_batch_stats_do_not_depend_on_the_device_count(setup)
 
 
 def test_train_step_lowers_the_loss_on_a_fixed_batch(setup):
-  config, graphdef, tx, state = setup
+  config, graphdef, state = setup
   mesh = sharding.make_mesh(jax.devices()[:4])
-  step_fn = jax.jit(functools.partial(steps.train_step, graphdef=graphdef, tx=tx, config=config))
+  step_fn = jax.jit(functools.partial(steps.train_step, graphdef=graphdef, config=config))
   batch = sharding.to_global(random_batch(1), mesh)
   state = jax.device_put(state, sharding.replicated(mesh))
   losses = []
@@ -83,8 +84,39 @@ def test_train_step_lowers_the_loss_on_a_fixed_batch(setup):
   assert lr == pytest.approx(0.007 * 0.6 ** 0.9, rel=1e-5)
 
 
+def test_the_schedule_with_an_array_length_is_optax_poly_decay():
+  config = tiny_config()
+  config.optimizer.end_learning_rate = 1e-4  # Not 0, so that the end value is checked too.
+  opt = config.optimizer
+  reference = optax.polynomial_schedule(init_value=opt.learning_rate,
+                                        end_value=opt.end_learning_rate, power=opt.poly_power,
+                                        transition_steps=10)
+  with_array_length = jax.jit(lambda step, total: steps.learning_rate_schedule(config, total)(step))
+  for step in (0, 1, 4, 9, 10, 12):
+    expected = float(reference(step))
+    assert float(with_array_length(step, np.int32(10))) == expected, step
+    assert float(steps.learning_rate_schedule(config)(step)) == expected, step
+  assert float(with_array_length(12, np.int32(10))) == pytest.approx(1e-4)
+
+
+def test_the_compiled_step_does_not_depend_on_total_steps(setup):
+  """A run resumed with a larger total_steps (or a sweep over lengths) reuses the compiled program:
+  the persistent compilation cache is keyed on the program's text."""
+  config, graphdef, state = setup
+  mesh = sharding.make_mesh(jax.devices()[:1])
+  batch = sharding.to_global(random_batch(0), mesh)
+
+  def program(total_steps):
+    run_config = config.copy_and_resolve_references()
+    run_config.total_steps = total_steps
+    train_fn = train.make_train_fn(run_config, graphdef, state, mesh)
+    return train_fn.lower(state, batch, train.schedule_length(run_config, mesh)).as_text()
+
+  assert program(10) == program(30_000)
+
+
 def test_weight_decay_applies_to_kernels_only(setup):
-  _, _, _, state = setup
+  _, _, state = setup
   mask = steps.weight_decay_mask(state.params)
   flat = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_flatten_with_path(mask)[0]}
   assert any(flat.values()) and not all(flat.values())
@@ -104,8 +136,8 @@ def test_xception_depthwise_kernels_are_not_decayed():
 
 
 def test_checkpoint_round_trip_restores_every_array(setup, tmp_path):
-  config, graphdef, tx, state = setup
-  step_fn = jax.jit(functools.partial(steps.train_step, graphdef=graphdef, tx=tx, config=config))
+  config, graphdef, state = setup
+  step_fn = jax.jit(functools.partial(steps.train_step, graphdef=graphdef, config=config))
   trained, _ = step_fn(state, random_batch(2))
   manager = checkpointing.make_manager(str(tmp_path), keep=2)
   checkpointing.save(manager, 1, trained)
@@ -120,7 +152,7 @@ def test_checkpoint_round_trip_restores_every_array(setup, tmp_path):
 
 
 def test_keeps_only_the_last_checkpoints(setup, tmp_path):
-  _, _, _, state = setup
+  _, _, state = setup
   manager = checkpointing.make_manager(str(tmp_path), keep=2)
   for step in (1, 2, 3):
     checkpointing.save(manager, step, state)
@@ -129,7 +161,7 @@ def test_keeps_only_the_last_checkpoints(setup, tmp_path):
 
 
 def test_restoring_a_different_model_names_the_checkpoint_and_tensors(setup, tmp_path):
-  _, _, _, state = setup
+  _, _, state = setup
   manager = checkpointing.make_manager(str(tmp_path), keep=1)
   checkpointing.save(manager, 5, state)
   manager.wait_until_finished()
