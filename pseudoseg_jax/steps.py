@@ -35,17 +35,18 @@ def init_model(config: ml_collections.ConfigDict, seed: int):
 
   Initialization runs under jit with the 'rbg' key type: eagerly, or with threefry keys, XLA
   compiles hundreds of small random ops one by one and even the tiny model takes ~12 s on a CPU.
+  The key is the program's argument, so that every seed runs one compiled program.
   """
-  def make():
-    return build_model(config.model, config.data.num_classes,
-                       rngs=nnx.Rngs(params=jax.random.key(seed, impl="rbg")))
+  def make(key):
+    return build_model(config.model, config.data.num_classes, rngs=nnx.Rngs(params=key))
 
-  def initial_values():
-    _, params, batch_stats = nnx.split(make(), nnx.Param, nnx.BatchStat)
+  def initial_values(key):
+    _, params, batch_stats = nnx.split(make(key), nnx.Param, nnx.BatchStat)
     return nnx.to_pure_dict(params), nnx.to_pure_dict(batch_stats)
 
-  graphdef = nnx.split(nnx.eval_shape(make), nnx.Param, nnx.BatchStat)[0]
-  params, batch_stats = jax.jit(initial_values)()
+  key = jax.random.key(seed, impl="rbg")
+  graphdef = nnx.split(nnx.eval_shape(make, key), nnx.Param, nnx.BatchStat)[0]
+  params, batch_stats = jax.jit(initial_values)(key)
   return graphdef, params, batch_stats
 
 
