@@ -8,7 +8,7 @@ with image-level labels), num_labeled=N (labeled images taken from the 2,000-ima
 steps=N (default 1,000).
 Hardware: a laptop CPU; the dataset is generated locally on first use (14 s).
 Time and result, measured on 2 CPU cores (see README.md, "The demo" and the benchmark table):
-18.3 min for the whole command at about 1.1 steps/s (2026-12-01; 7.4-7.6 min when this machine was
+18-19.5 min for the whole command at about 1.1 steps/s (2026-12-01; 7.4-7.6 min when this machine was
 faster), val mIoU about 0.16-0.17. At this budget, from scratch, PseudoSeg does NOT beat supervised
 training (0.18-0.20, 3.5 min on the faster machine): even every train image labeled does not
 help within 1,000 steps, so there is nothing for the unlabeled images to add. The demo shows the method
