@@ -34,7 +34,7 @@ def data_dir(tmp_path_factory):
 def subprocess_env():
   """The runs keep every program, however small, in the test run's compilation cache (conftest):
   only the first one compiles (the executable is the same, so are the numbers). Their train and
-  eval steps are test_train's (same model and batches; the step's program does not depend on
+  eval steps are test_train's (same model and batch shapes; the step's program does not depend on
   total_steps), which conftest schedules first."""
   return {**os.environ, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
           "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
