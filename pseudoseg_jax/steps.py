@@ -103,11 +103,15 @@ def create_train_state(config: ml_collections.ConfigDict, seed: int):
   """Returns (graphdef, optimizer, state) for a freshly initialized model."""
   graphdef, params, batch_stats = init_model(config, seed)
   tx = make_optimizer(config)
-  # One program for the whole optimizer state: eagerly, every zeros_like is its own XLA compile
-  # (33 of them, 1.2 s, for the tiny demo model).
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
-                     opt_state=jax.jit(tx.init)(params))
+                     opt_state=initial_optimizer_state(tx, params))
   return graphdef, tx, state
+
+
+def initial_optimizer_state(tx: optax.GradientTransformation, params: dict):
+  """tx.init as one program: eagerly, every zeros_like is its own XLA compile (33 of them, 1.2 s,
+  for the tiny demo model)."""
+  return jax.jit(tx.init)(params)
 
 
 def step_key(seed: int, step: jax.Array) -> jax.Array:

@@ -233,7 +233,8 @@ def with_pretrained_backbone(state: steps.TrainState, tx,
       source=model_config.init_from)
   log.info("Backbone initialized from %s (%d tensors); heads initialized at random.",
            model_config.init_from, len(weights))
-  return state.replace(params=params, batch_stats=batch_stats, opt_state=jax.jit(tx.init)(params))
+  return state.replace(params=params, batch_stats=batch_stats,
+                       opt_state=steps.initial_optimizer_state(tx, params))
 
 
 def without_unmeasured(metrics: dict, source: datasets.Source) -> dict:
