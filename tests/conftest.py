@@ -61,8 +61,9 @@ def shared_data_dir() -> pathlib.Path:
 # The end-to-end modules: each starts training processes or compiles several PseudoSeg steps (1-5
 # min of a 2-worker run each). They go first, so that pytest-xdist's two workers finish together;
 # by default it orders files by their number of tests, which put these few-test files last and
-# left one worker running them alone for minutes. test_train goes before test_preemption, whose
-# runs then find test_train's train and eval steps in the compilation cache.
+# left one worker running them alone for minutes. test_train, the longest (one CLI run that is
+# both the workdir-contract tests' run and the preemption test's reference, then three more
+# launches that resume and one more in-process run), goes first.
 END_TO_END_MODULES_FIRST = ("test_train.py", "test_multiprocess.py", "test_preemption.py",
                          "test_notebook.py", "test_evaluate.py", "test_pseudoseg_step.py",
                          "test_voc.py", "test_steps.py", "test_folder.py", "test_pipeline.py")
