@@ -9,8 +9,8 @@ from test_train import TINY_OVERRIDES
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(ROOT, "launch", "colab.ipynb")
-# test_train.py's CLI run's tiny model and step count: the same programs, so one of the two finds
-# them in the run's compilation cache (the step count only sets where the pictures are taken).
+# test_train.py's CLI run's tiny model: the same programs, so one of the two finds them in the
+# run's compilation cache (the step count only sets where the pictures are taken).
 STEPS = 4
 
 
