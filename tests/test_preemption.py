@@ -7,7 +7,6 @@ import signal
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -31,16 +30,19 @@ def test_stop_signals_only_record_the_signal_and_restore_the_previous_handlers()
 
 
 def poisoned_at(step_to_poison):
-  """steps.train_step with NaN images at one step (1-based): its loss and gradients are NaN."""
-  original = steps.train_step
+  """train.training_batches with NaN images in one step's batch (1-based): that step's loss and
+  gradients are NaN. A bad batch, as real divergences often start; the step's program is the
+  plain one (the test run's compilation cache may already hold it)."""
+  original = train.training_batches
 
-  def train_step(state, batch, *args, **kwargs):
-    poisoned = state.step + 1 == step_to_poison
-    batch = jax.tree.map(
-        lambda x: jnp.where(poisoned, jnp.nan, x) if jnp.issubdtype(x.dtype, jnp.floating) else x,
-        batch)
-    return original(state, batch, *args, **kwargs)
-  return train_step
+  def training_batches(config, source, mesh, start_step):
+    for step, batch in enumerate(original(config, source, mesh, start_step), start_step + 1):
+      if step == step_to_poison:
+        batch = jax.tree.map(
+            lambda x: np.full_like(x, np.nan) if np.issubdtype(x.dtype, np.floating) else x,
+            batch)
+      yield batch
+  return training_batches
 
 
 def divergence_config(data_dir, **overrides):
@@ -60,7 +62,7 @@ def all_finite(tree):
 
 def test_a_nonfinite_step_stops_the_run_and_keeps_the_last_good_checkpoint(
     data_dir, tmp_path, monkeypatch):
-  monkeypatch.setattr(steps, "train_step", poisoned_at(3))
+  monkeypatch.setattr(train, "training_batches", poisoned_at(3))
   config = divergence_config(data_dir)
   workdir = str(tmp_path / "run")
   with pytest.raises(train.TrainingDiverged,
@@ -75,7 +77,7 @@ def test_a_nonfinite_step_stops_the_run_and_keeps_the_last_good_checkpoint(
 
 
 def test_skipping_nonfinite_steps_finishes_and_counts_them(data_dir, tmp_path, monkeypatch):
-  monkeypatch.setattr(steps, "train_step", poisoned_at(3))
+  monkeypatch.setattr(train, "training_batches", poisoned_at(3))
   config = divergence_config(data_dir, skip_nonfinite_steps=True)
   workdir = str(tmp_path / "run")
   results = train.run(config, workdir)
