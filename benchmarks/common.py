@@ -317,6 +317,8 @@ def machine() -> dict:
           "cpu_count": os.cpu_count(), "usable_cpu_cores": usable_cores,
           "jax_version": jax.__version__, "python_version": platform.python_version(),
           "xla_flags": os.environ.get("XLA_FLAGS", ""),
+          # glibc.malloc.hugetlb=1 unless opted out (pseudoseg_jax/hugepages.py).
+          "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
           "default_matmul_precision": str(jax.config.jax_default_matmul_precision)}
 
 

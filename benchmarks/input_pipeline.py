@@ -38,6 +38,12 @@ import tempfile
 import time
 from typing import Sequence
 
+from pseudoseg_jax import hugepages
+
+if __name__ == "__main__":
+  # Measure the step as the trainer's command runs it (before JAX and TensorFlow load).
+  hugepages.reexec_with_hugepages()
+
 import common  # benchmarks/common.py; imported first: it quiets TensorFlow.
 import jax
 import numpy as np

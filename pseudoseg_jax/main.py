@@ -15,6 +15,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from pseudoseg_jax import hugepages  # noqa: E402
+
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file, e.g. configs/demo.py:method=supervised.",
     lock_config=True)
@@ -47,6 +49,8 @@ def main(argv):
 
 
 def run():
+  # First: glibc reads its malloc tunables only at process start (pseudoseg_jax/hugepages.py).
+  hugepages.reexec_with_hugepages()
   # Our progress goes to stdout through pseudoseg_jax.writers.log; absl's log (orbax, TFDS) would
   # bury it under per-file INFO lines.
   logging.set_verbosity(logging.WARNING)

@@ -142,6 +142,10 @@ def test_the_peer_is_compared_only_in_its_own_setting():
   assert args.backbone == "resnet50" and (args.crop, args.labeled, args.unlabeled) == (321, 2, 2)
   compared = train_step.peer_comparison(args, "cpu", 7.6)
   assert compared["peer_seconds_per_step"] == 15.2 and compared["speedup_vs_peer"] == 2.0
+  assert compared["peer_timed_on"] == "the issue's machine"
+  timed_here = train_step.peer_comparison(train_step.parse_args(["--peer_seconds=8.1"]), "cpu", 5.4)
+  assert timed_here["speedup_vs_peer"] == pytest.approx(1.5)
+  assert timed_here["peer_timed_on"] == "this machine (--peer_seconds)"
   assert train_step.peer_comparison(args, "gpu", 7.6) == {}
   assert train_step.peer_comparison(train_step.parse_args(["--crop=513"]), "cpu", 7.6) == {}
   assert train_step.peer_comparison(train_step.parse_args(["--optimizer=adam"]), "cpu", 7.6) == {}
