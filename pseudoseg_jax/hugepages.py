@@ -1,13 +1,14 @@
 """Transparent huge pages for malloc, so that XLA:CPU's per-step buffers stop costing page faults.
 
-XLA:CPU allocates an executable's temporary buffer with malloc every time it runs it (3.0 GB for
+XLA:CPU allocates an executable's temporary buffer with malloc every time it runs it (2.7 GB for
 the ResNet-50 PseudoSeg step at crop 321). glibc serves any allocation over 32 MB with a fresh
 mmap and unmaps it on free, so every step faulted all of that memory in again, 4 KiB at a time,
 each page zeroed by the kernel. On the 2-core benchmark machine (AMD EPYC, Linux 6.18, THP in
 "madvise" mode) `perf` put 21% of a step's CPU time in the kernel, and one benchmark run took 6.3
 million page faults. glibc's tunable `glibc.malloc.hugetlb=1` makes malloc ask for transparent
 huge pages on the memory it maps: 0.65 million faults, and the step's median went from 6.4-7.8 s
-(seven runs) to 5.8-6.3 s (five runs; BENCHMARKS.md). Results do not change: only where memory comes from.
+(seven runs) to 5.8-6.3 s (five runs; BENCHMARKS.md). Results do not change: only where memory
+comes from.
 
 glibc reads tunables once, when a process starts, so the command-line entry points re-execute
 themselves once with the tunable added (same PID, arguments and environment otherwise). Nothing
