@@ -9,7 +9,8 @@ import pytest
 from pseudoseg_jax import hugepages
 
 PRINT_TUNABLES = ("from pseudoseg_jax import hugepages; hugepages.reexec_with_hugepages(); "
-                  "import os, sys; print(os.environ.get('GLIBC_TUNABLES', '<unset>'), sys.argv[1:])")
+                  "import os, sys; "
+                  "print(os.environ.get('GLIBC_TUNABLES', '<unset>'), sys.argv[1:])")
 
 
 def test_the_tunable_is_added_to_what_the_user_set():
