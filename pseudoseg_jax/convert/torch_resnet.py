@@ -20,8 +20,9 @@ downsample.0 AvgPool, .1 conv, .2 BN; our shortcut is a strided 1x1 conv), a ste
 differs from config.model, and configs with model.resnet_variant='keras' (stride on the 1x1 conv).
 
 A wrapped checkpoint ({'state_dict': ...} or {'model': ...}) is unwrapped and a 'module.'
-(DataParallel) or 'backbone.' prefix shared by every key is stripped. Safetensors are read with the
-`safetensors` package's numpy API, so torch is needed only for pickles; bfloat16 becomes float32.
+(DataParallel) or 'backbone.' prefix shared by every key is stripped. Torch is never needed:
+safetensors are read with the `safetensors` package's numpy API, torch.save files (.pth/.pt/.bin,
+zip or legacy) by torch_zip.py, which unpickles tensors and dicts only. bfloat16 becomes float32.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from typing import Mapping
 
 import numpy as np
 
-from pseudoseg_jax.convert import BackboneWeights
+from pseudoseg_jax.convert import BackboneWeights, torch_zip
 from pseudoseg_jax.models.resnet import RESNET_SPECS
 
 DROPPED_KEYS = frozenset({"fc.weight", "fc.bias"})
@@ -39,9 +40,6 @@ DROPPED_LEAF = "num_batches_tracked"
 WRAPPER_KEYS = ("state_dict", "model")
 STRIPPED_PREFIXES = ("module.", "backbone.")
 PICKLE_SUFFIXES = (".pth", ".pt", ".bin")
-# torch.load(weights_only=True) could still be made to run a crafted file's code before torch 2.6
-# (CVE-2025-32434) and to corrupt memory before 2.10 (CVE-2026-24747): older torch is refused.
-MIN_TORCH_FOR_PICKLES = (2, 10)
 
 CONV, BN = "conv", "bn"
 CONV_LEAVES = {"weight": "kernel", "bias": "bias"}
@@ -82,43 +80,6 @@ def as_float32_if_bfloat16(array: np.ndarray) -> np.ndarray:
   return array.astype(np.float32) if array.dtype.name == "bfloat16" else array
 
 
-def torch_tensor_to_numpy(tensor) -> np.ndarray:
-  tensor = tensor.detach().cpu()
-  if str(tensor.dtype) == "torch.bfloat16":  # numpy has no bfloat16; float32 holds it exactly.
-    tensor = tensor.float()
-  return tensor.numpy()
-
-
-def read_torch_pickle(path: str) -> Mapping:
-  try:
-    import torch
-  except ImportError as error:
-    raise ValueError(
-        f"Reading {path} (a PyTorch pickle) needs torch, which is not installed: "
-        f"pip install torch, or convert it to .safetensors where torch is installed "
-        f"(safetensors.torch.save_file(state_dict, 'weights.safetensors')) and point "
-        f"model.init_from at that file.") from error
-  if torch_version(torch.__version__) < MIN_TORCH_FOR_PICKLES:
-    raise ValueError(
-        f"Refusing {path}: reading a PyTorch pickle needs torch >= "
-        f"{'.'.join(map(str, MIN_TORCH_FOR_PICKLES))}, as older torch.load(weights_only=True) can "
-        f"be made to run code by a crafted file (CVE-2025-32434, CVE-2026-24747); torch "
-        f"{torch.__version__} is installed. Upgrade torch, or convert the file to .safetensors "
-        f"(safetensors.torch.save_file(state_dict, 'weights.safetensors')) where you trust it.")
-  try:
-    # Explicit True: TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD only changes calls that leave it unset.
-    return torch.load(path, map_location="cpu", weights_only=True)
-  except Exception as error:  # weights_only refuses pickled code: tell why, not just where.
-    raise ValueError(f"torch.load({path!r}, weights_only=True) failed: {error}. Only tensors in "
-                     f"(nested) dicts are read; re-save the state dict alone.") from error
-
-
-def torch_version(text: str) -> tuple[int, int]:
-  """'2.10.0+cpu' -> (2, 10); an unparsable version counts as too old."""
-  match = re.match(r"(\d+)\.(\d+)", text)
-  return (int(match[1]), int(match[2])) if match else (0, 0)
-
-
 def unwrap_state_dict(checkpoint, source: str) -> dict:
   """The flat state dict inside a checkpoint: descends through 'state_dict' / 'model' wrappers."""
   while isinstance(checkpoint, Mapping):
@@ -132,8 +93,7 @@ def unwrap_state_dict(checkpoint, source: str) -> dict:
   if not_tensors:
     raise ValueError(f"{source} is not a flat state dict: these entries are not tensors: "
                      f"{', '.join(not_tensors)}")
-  return {str(key): (value if isinstance(value, np.ndarray) else torch_tensor_to_numpy(value))
-          for key, value in checkpoint.items()}
+  return {str(key): np.asarray(value) for key, value in checkpoint.items()}
 
 
 def strip_shared_prefixes(state_dict: Mapping) -> dict:
@@ -152,7 +112,7 @@ def read_state_dict(path: str) -> dict:
   if path.lower().endswith(".safetensors"):
     raw = read_safetensors(path)
   elif path.lower().endswith(PICKLE_SUFFIXES):
-    raw = read_torch_pickle(path)
+    raw = torch_zip.read_torch_state_dict(path)
   else:
     raise ValueError(f"{path}: expected .safetensors, .pth, .pt or .bin.")
   return strip_shared_prefixes(unwrap_state_dict(raw, path))

@@ -1,4 +1,5 @@
-"""Models: DeepLabv3+ on ResNet backbones, built from the `config.model` section.
+"""Models: DeepLabv3+ on ResNet, Xception-65 or EfficientNet-Lite0 backbones, built from the
+`config.model` section.
 
   model = build_model(config.model, num_classes=21, rngs=nnx.Rngs(0))
   outputs = model(images, train=True, rngs=nnx.Rngs(dropout=key))
@@ -10,6 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from pseudoseg_jax.models.deeplab import DeepLabV3Plus
+from pseudoseg_jax.models.normalization import resolved_normalization
 from pseudoseg_jax.models.resize import resize_bilinear
 from pseudoseg_jax.models.resnet import RESNET_SPECS, NormConfig, ResNet
 
@@ -18,7 +20,8 @@ __all__ = ["DeepLabV3Plus", "ResNet", "build_model", "feature_size", "resize_bil
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 XCEPTION_BACKBONES = ("xception65",)
-BACKBONES = tuple(RESNET_SPECS) + XCEPTION_BACKBONES
+EFFICIENTNET_BACKBONES = ("efficientnet_lite0",)
+BACKBONES = tuple(RESNET_SPECS) + XCEPTION_BACKBONES + EFFICIENTNET_BACKBONES
 RESNET_VARIANTS = ("torchvision", "keras")
 OUTPUT_STRIDES = (8, 16)
 
@@ -68,6 +71,11 @@ def validate_model_config(model_config) -> None:
            "an int >= 0 (0: statistics of the whole batch; G: of each G consecutive images)",
            values["bn_group_size"])
   _require(values["dtype"] in DTYPES, "dtype", f"one of {tuple(DTYPES)}", values["dtype"])
+  resolved_normalization(model_config)  # Raises naming model.input_normalization.
+  frozen = model_config.get("frozen_backbone_blocks", 0)
+  _require(_is_int(frozen) and frozen >= 0, "frozen_backbone_blocks", "an int >= 0", frozen)
+  _require(frozen == 0 or backbone in EFFICIENTNET_BACKBONES, "frozen_backbone_blocks",
+           f"0 for {backbone} (only EfficientNet-Lite freezes blocks)", frozen)
 
 
 def build_model(model_config, num_classes: int, *, rngs: nnx.Rngs) -> DeepLabV3Plus:
@@ -85,6 +93,12 @@ def build_model(model_config, num_classes: int, *, rngs: nnx.Rngs) -> DeepLabV3P
     from pseudoseg_jax.models.xception import Xception65
     backbone = Xception65(output_stride=model_config.output_stride, norm=norm, dtype=dtype,
                           rngs=rngs)
+  elif model_config.backbone in EFFICIENTNET_BACKBONES:
+    from pseudoseg_jax.models.efficientnet_lite import EfficientNetLite
+    # Its batch norms use epsilon 1e-3 whatever model.bn_epsilon says (the heads' epsilon).
+    backbone = EfficientNetLite(output_stride=model_config.output_stride, norm=norm,
+                                frozen_blocks=model_config.get("frozen_backbone_blocks", 0),
+                                dtype=dtype, rngs=rngs)
   else:
     backbone = ResNet(RESNET_SPECS[model_config.backbone], deep_stem=model_config.deep_stem,
                       variant=model_config.resnet_variant,
@@ -95,7 +109,8 @@ def build_model(model_config, num_classes: int, *, rngs: nnx.Rngs) -> DeepLabV3P
       low_level_channels=model_config.low_level_channels,
       sgc_attention_dim=model_config.sgc_attention_dim,
       aspp_dropout=float(model_config.aspp_dropout), cls_dropout=float(model_config.cls_dropout),
-      norm=norm, dtype=dtype, rngs=rngs)
+      norm=norm, input_normalization=resolved_normalization(model_config), dtype=dtype,
+      rngs=rngs)
 
 
 def feature_size(input_size: int, stride: int) -> int:

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from pseudoseg_jax.models.normalization import from_signed_unit
 from pseudoseg_jax.models.resize import resize_bilinear
 from pseudoseg_jax.models.resnet import ConvBN, NormConfig, ResNet, conv2d
 
@@ -121,7 +122,8 @@ class SGCHead(nnx.Module):
 class DeepLabV3Plus(nnx.Module):
   """DeepLabv3+ segmentation model with a classification head.
 
-  __call__(images, *, train, rngs=None) takes normalized NHWC images and returns
+  __call__(images, *, train, rngs=None) takes NHWC images normalized as x / 127.5 - 1 (converted
+  to `input_normalization`, what the backbone's weights expect, inside) and returns
     'logits':     [N, ceil(H/4), ceil(W/4), num_classes] at decoder (stride-4) resolution, float32;
     'cls_logits': [N, num_classes - 1], float32;
     'features':   the backbone's dict ('stride4', 'stage2', 'stage3', 'stage4'), compute dtype.
@@ -133,9 +135,11 @@ class DeepLabV3Plus(nnx.Module):
   def __init__(self, backbone: ResNet, num_classes: int, *, aspp_rates: Sequence[int],
                aspp_channels: int = 256, decoder_channels: int = 256,
                low_level_channels: int = 48, aspp_dropout: float = 0.1, cls_dropout: float = 0.5,
-               sgc_attention_dim: int = 128, norm: NormConfig = NormConfig(), dtype=None,
+               sgc_attention_dim: int = 128, norm: NormConfig = NormConfig(),
+               input_normalization: str = "signed_unit", dtype=None,
                param_dtype=jnp.float32, rngs: nnx.Rngs):
     layer = dict(norm=norm, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.input_normalization = input_normalization
     self.backbone = backbone
     self.aspp = ASPP(backbone.out_features["stage4"], aspp_channels, aspp_rates,
                      dropout=aspp_dropout, **layer)
@@ -156,10 +160,15 @@ class DeepLabV3Plus(nnx.Module):
     if train and self.uses_dropout and rngs is None:
       raise ValueError("DeepLabV3Plus(train=True) needs `rngs` (with a 'dropout' or 'default' "
                        "stream) for dropout.")
-    features = self.backbone(images, train=train)
+    features = self.backbone_features(images, train=train)
     aspp_out = self.aspp(features["stage4"], train=train, rngs=rngs)
     logits = self.decoder(aspp_out, features["stride4"], train=train)
     cls_logits = self.cls_head(features["stage4"], train=train, rngs=rngs)
     # Losses and pseudo labels want float32 even when the network computes in bfloat16.
     return {"logits": logits.astype(jnp.float32), "cls_logits": cls_logits.astype(jnp.float32),
             "features": features}
+
+  def backbone_features(self, images: jax.Array, *, train: bool) -> dict[str, jax.Array]:
+    """The backbone's features of canonical images (x / 127.5 - 1), converted first to the input
+    its weights expect (models/normalization.py)."""
+    return self.backbone(from_signed_unit(images, self.input_normalization), train=train)

@@ -1,0 +1,133 @@
+"""Label-scarce benchmark on real photos: supervised vs PseudoSeg with few labeled images, the
+rest of train unlabeled, and the supervised ceiling with every train image labeled.
+
+  python benchmarks/label_scarce.py --out=workdirs/label_scarce [--seeds=0,1,2]
+      [--root=../shared/data/stanford_background] [--ignore_label=15] [--fractions=1_32,1_8]
+      [--preset=cpu] [--steps=N] [--report_only]
+
+The dataset is a folder dataset (pseudoseg_jax/data/datasets/folder.py): ROOT/images, masks,
+splits/val.txt; with no splits/labeled.txt, the labeled pool is every masked image outside val.
+The default is the Stanford Background Dataset (715 outdoor photos, 8 classes, 15 = unknown;
+train 572 / val 143), which the project does not ship: point --root at your copy.
+
+For each labeled fraction and seed, the labeled images are a sample of the pool drawn with that
+seed (data.split_seed = seed, so each seed sees other labeled images), and the runs are:
+  supervised                      the labeled images alone;
+  pseudoseg                       the preset's recipe, the rest of train as unlabeled images;
+  pseudoseg (image-level labels)  the same with the unlabeled images' image-level labels (at the
+                                  smallest fraction only);
+and once per seed the ceiling, supervised on all of train. Every run has the same steps and
+batches; each is the ordinary training command in its own workdir under --out, so an
+interrupted benchmark resumes. The table goes to stdout and OUT/results.md, the numbers to
+OUT/results.json. It is a benchmark, not a test: about 10 minutes per run on a 2-core CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+
+from pseudoseg_vs_supervised import PSEUDO_METRICS, run_name, summarize, train_run
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_ROOT = os.path.join(os.path.dirname(REPO), "shared", "data", "stanford_background")
+
+SEMI_SUPERVISED_RUNS = {
+    "supervised": {"method": "supervised"},
+    "pseudoseg": {"method": "pseudoseg"},
+    "pseudoseg (image-level labels)": {"method": "pseudoseg", "weak_labels": "true"},
+}
+WEAK_LABELS_ONLY_AT_SMALLEST = "pseudoseg (image-level labels)"
+
+
+def fraction_value(name: str) -> float:
+  numerator, _, denominator = name.partition("_")
+  return int(numerator) / int(denominator)
+
+
+def config_arg(args, run: dict) -> str:
+  """configs/folder.py's arguments for one run."""
+  items = {"root": args.root, "preset": args.preset, **run}
+  if args.steps:
+    items["steps"] = args.steps
+  return "configs/folder.py:" + ",".join(f"{key}={value}" for key, value in items.items())
+
+
+def one_run(args, name: str, fraction: str | None, seed: int, run: dict) -> dict | None:
+  """fraction None: every train image labeled (the ceiling)."""
+  overrides = {"seed": seed, "data.ignore_label": args.ignore_label}
+  if fraction is not None:
+    overrides.update({"data.labeled_fraction": fraction_value(fraction),
+                      "data.split_seed": seed})
+  workdir = os.path.join(args.out, f"{fraction or 'all'}", run_name(name, seed))
+  return train_run(workdir, name, config_arg(args, run), overrides, seed=seed,
+                   report_only=args.report_only)
+
+
+def table_lines(table: dict, args) -> list[str]:
+  lines = [f"{os.path.basename(os.path.normpath(args.root))}, configs/folder.py preset="
+           f"{args.preset}; val mIoU (%), mean ± std over seeds (runs); pseudo-label accuracy is "
+           "class-balanced, against the unlabeled images' hidden masks", "",
+           "| labeled | run | seeds | val mIoU | gain over supervised | accuracy of pseudo labels "
+           "| minutes per run |", "|---|---|---|---|---|---|---|"]
+  for (fraction, name), runs in table.items():
+    supervised = table.get((fraction, "supervised"), [])
+    gain = "-"
+    if name != "supervised" and supervised and len(supervised) == len(runs):
+      gain = summarize([r["val/miou"] - s["val/miou"] for r, s in zip(runs, supervised)])
+    accuracy = [r["pseudo_accuracy"] for r in runs if r.get("pseudo_accuracy") is not None]
+    minutes = [r["wall_clock_minutes"] for r in runs if r.get("wall_clock_minutes")]
+    lines.append("| " + " | ".join([
+        fraction.replace("_", "/") if fraction != "all" else "all", name, str(len(runs)),
+        summarize([r["val/miou"] for r in runs]), gain,
+        summarize(accuracy) if accuracy else "-",
+        f"{statistics.mean(minutes):.1f}" if minutes else "-"]) + " |")
+  return lines
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--out", required=True)
+  parser.add_argument("--root", default=DEFAULT_ROOT)
+  parser.add_argument("--ignore_label", type=int, default=15)
+  parser.add_argument("--fractions", default="1_32,1_8")
+  parser.add_argument("--seeds", default="0,1,2")
+  parser.add_argument("--preset", default="cpu")
+  parser.add_argument("--steps", type=int, default=0, help="0: the preset's.")
+  parser.add_argument("--skip_ceiling", action="store_true")
+  parser.add_argument("--report_only", action="store_true",
+                      help="Tabulate the finished runs; train nothing.")
+  args = parser.parse_args()
+  args.out, args.root = os.path.abspath(args.out), os.path.abspath(args.root)
+  fractions = args.fractions.split(",")
+  seeds = [int(s) for s in args.seeds.split(",")]
+
+  table = {}
+  for seed in seeds:  # Seed-major: a partial benchmark has every row at the first seeds.
+    for fraction in fractions:
+      for name, run in SEMI_SUPERVISED_RUNS.items():
+        if name == WEAK_LABELS_ONLY_AT_SMALLEST and fraction != fractions[0]:
+          continue
+        table.setdefault((fraction, name), []).append(one_run(args, name, fraction, seed, run))
+    if not args.skip_ceiling:
+      table.setdefault(("all", "supervised"), []).append(
+          one_run(args, "supervised", None, seed, SEMI_SUPERVISED_RUNS["supervised"]))
+
+  table = {key: [r for r in runs if r is not None] for key, runs in table.items()}
+  table = {key: runs for key, runs in table.items() if runs}
+  text = "\n".join(table_lines(table, args))
+  print(text)
+  with open(os.path.join(args.out, "results.md"), "w") as f:
+    f.write(text + "\n")
+  with open(os.path.join(args.out, "results.json"), "w") as f:
+    json.dump({f"{fraction} {name}": [{k: r.get(k) for k in ("step", "val/miou", *PSEUDO_METRICS,
+                                                             "wall_clock_minutes")}
+                                      for r in runs]
+               for (fraction, name), runs in table.items()}, f, indent=2)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,130 @@
+"""The remedies for confirmation bias (config.pseudoseg: teacher, cutmix_probability,
+class_balanced_fraction): known answers for each piece, then one tiny step with all of them."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pseudoseg_jax import config as config_lib
+from pseudoseg_jax import mixing, pseudo_labels, steps
+from tests.test_pseudoseg_step import random_batch, tiny_config
+
+
+def test_ema_update_known_answer():
+  teacher = {"params": {"w": jnp.array([1.0, 2.0])}, "batch_stats": {"m": jnp.array([0.0])}}
+  updated = steps.ema_update(teacher, {"w": jnp.array([3.0, 2.0])}, {"m": jnp.array([10.0])},
+                             decay=0.75)
+  np.testing.assert_allclose(updated["params"]["w"], [1.5, 2.0])
+  np.testing.assert_allclose(updated["batch_stats"]["m"], [2.5])
+
+
+def test_ema_decay_warms_up_as_the_running_average():
+  np.testing.assert_allclose([steps.ema_decay_at(0.99, s) for s in (0, 1, 3, 99, 1000)],
+                             [0.0, 0.5, 0.75, 0.99, 0.99], rtol=1e-6)
+
+
+def test_box_masks_cover_the_pixels_whose_centres_are_inside():
+  boxes = mixing.box_masks(top=jnp.array([1.0, 0.0]), left=jnp.array([2.0, 0.0]),
+                           box_height=jnp.array([2.0, 4.0]), box_width=jnp.array([1.5, 4.0]),
+                           boxed=jnp.array([True, False]), height=4, width=5)
+  expected = np.zeros((2, 4, 5), bool)
+  expected[0, 1:3, 2:3] = True  # Columns 2.5 in [2, 3.5); 3.5 is not.
+  np.testing.assert_array_equal(boxes, expected)
+
+
+def test_mix_takes_the_box_from_the_next_image_cyclically():
+  labels = jnp.stack([jnp.full((3, 3), i) for i in range(3)])
+  boxes = jnp.zeros((3, 3, 3), bool).at[:, 0, 0].set(True)
+  mixed = np.asarray(mixing.mix(labels, boxes))
+  np.testing.assert_array_equal(mixed[:, 0, 0], [1, 2, 0])
+  np.testing.assert_array_equal(mixed[:, 1:, :], np.asarray(labels)[:, 1:, :])
+  one_hot = jax.nn.one_hot(labels, 3)
+  np.testing.assert_array_equal(np.argmax(mixing.mix(one_hot, boxes), -1), mixed)
+
+
+def test_random_boxes_respect_probability_and_area():
+  boxes = np.asarray(mixing.random_boxes(jax.random.key(0), 400, 40, 40, probability=0.5))
+  areas = boxes.mean(axis=(1, 2))
+  boxed = areas > 0
+  assert 0.4 < boxed.mean() < 0.6
+  assert areas[boxed].min() >= 0.005 and areas[boxed].max() <= 0.45
+  assert not np.asarray(mixing.random_boxes(jax.random.key(1), 8, 9, 9, probability=0.0)).any()
+
+
+def test_class_balanced_confidence_keeps_the_top_fraction_of_each_class():
+  # Class 0: confidences 0.99, 0.98, 0.97, 0.96; class 1: 0.6, 0.5, 0.4, 0.3.
+  confidence = jnp.array([0.99, 0.98, 0.97, 0.96, 0.6, 0.5, 0.4, 0.3])
+  labels = jnp.array([0, 0, 0, 0, 1, 1, 1, 1])
+  other = jnp.zeros_like(confidence)  # Unnormalized is fine: only the max and argmax matter.
+  probs = jnp.where(labels[:, None] == 0, jnp.stack([confidence, other], -1),
+                    jnp.stack([other, confidence], -1)).reshape(1, 1, 8, 2)
+  valid = jnp.ones((1, 1, 8))
+  kept = np.asarray(pseudo_labels.class_balanced_confident(probs, valid, 0.95, 0.5))[0, 0]
+  # Class 0 is above 0.95 everywhere; class 1 keeps its top half (quantile 0.5 = 0.45).
+  np.testing.assert_array_equal(kept, [1, 1, 1, 1, 1, 1, 0, 0])
+  # Invalid pixels do not set a class's quantile.
+  valid = valid.at[0, 0, 4:6].set(0)
+  kept = np.asarray(pseudo_labels.class_balanced_confident(probs, valid, 0.95, 0.5))[0, 0]
+  np.testing.assert_array_equal(kept[6:], [1, 0])  # The quantile of {0.4, 0.3} is 0.35.
+
+
+def test_restricting_to_image_labels_moves_absent_classes_to_present_ones():
+  probs = jnp.array([[[[0.1, 0.6, 0.3]]], [[[0.1, 0.6, 0.3]]]])  # [2, 1, 1, 3]
+  labels = jnp.array([[0.0, 1.0], [1.0, 1.0]])  # Image 0 lacks class 1.
+  restricted = np.asarray(pseudo_labels.restrict_to_present_classes(probs, labels))
+  np.testing.assert_allclose(restricted[0, 0, 0], [0.25, 0.0, 0.75], rtol=1e-6)
+  np.testing.assert_allclose(restricted[1, 0, 0], [0.1, 0.6, 0.3], rtol=1e-6)
+
+
+def test_config_rejects_unknown_teacher():
+  config = tiny_config()
+  config.pseudoseg.teacher = "mean"
+  with pytest.raises(ValueError, match="pseudoseg.teacher"):
+    config_lib.validate(config)
+
+
+@pytest.fixture(scope="module")
+def remedies_step():
+  config = tiny_config(teacher="ema", ema_decay=0.9, cutmix_probability=1.0, soft_labels=False,
+                       confidence_threshold=0.5, class_balanced_fraction=0.5, weak_labels=True)
+  graphdef, _, state = steps.create_train_state(config, 0)
+  step = jax.jit(functools.partial(steps.train_step, graphdef=graphdef, config=config))
+  return config, state, step
+
+
+def test_teacher_starts_as_the_model_and_follows_it(remedies_step):
+  config, state, step = remedies_step
+  for ours, teachers in zip(jax.tree.leaves(state.params), jax.tree.leaves(state.teacher["params"])):
+    np.testing.assert_array_equal(ours, teachers)
+  new_state, metrics = step(state, random_batch(0))
+  assert bool(metrics["train/all_finite"])
+  # At step 0 the warm-up makes the teacher the new model itself (decay 0).
+  expected = new_state.params
+  for got, want in zip(jax.tree.leaves(new_state.teacher["params"]), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+  moved = [float(jnp.max(jnp.abs(a - b))) for a, b in
+           zip(jax.tree.leaves(new_state.params), jax.tree.leaves(state.params))]
+  assert max(moved) > 0
+
+
+def test_pseudo_labels_of_the_teacher_are_mixed_with_the_strong_view(remedies_step):
+  config, state, _ = remedies_step
+  graphdef = steps.init_model(config, 0)[0]
+  batch = random_batch(1)["unlabeled"]
+  key = jax.random.key(3)
+  images = jax.jit(functools.partial(steps.pseudo_label_images, graphdef=graphdef,
+                                     config=config))(state.params, state.batch_stats, batch, key,
+                                                     teacher=state.teacher)
+  # Redo the mixing by hand: the same key split as unlabeled_forward.
+  mix_key = jax.random.fold_in(key, 2)
+  boxes = mixing.random_boxes(mix_key, 8, 33, 33, probability=1.0)
+  expected_strong = np.where(np.asarray(boxes)[..., None], np.roll(batch["strong_image"], -1, 0),
+                             batch["strong_image"])
+  np.testing.assert_array_equal(images["strong_image"], expected_strong)
+  truth_boxes = np.asarray(pseudo_labels.resize_nearest(boxes.astype(jnp.int32), (9, 9))) > 0
+  unmixed_truth = np.asarray(pseudo_labels.resize_nearest(batch["mask"], (9, 9)))
+  np.testing.assert_array_equal(images["ground_truth"],
+                                np.where(truth_boxes, np.roll(unmixed_truth, -1, 0), unmixed_truth))
