@@ -63,7 +63,8 @@ def base_config() -> ml_collections.ConfigDict:
   config.data.stream_shards = 0
 
   config.model = ml_collections.ConfigDict()
-  config.model.backbone = "resnet50"  # resnet50 | resnet101 | resnet_tiny | xception65.
+  config.model.backbone = "resnet50"  # resnet50 | resnet101 | resnet_tiny | xception65 |
+  # efficientnet_lite0.
   config.model.deep_stem = False
   # ResNet block layout: "torchvision" (stride on the 3x3 conv, no conv biases: torchvision and
   # timm weights) or "keras" (Keras applications' v1: stride on the first 1x1 conv, conv biases).

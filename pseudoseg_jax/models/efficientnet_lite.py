@@ -216,7 +216,7 @@ class EfficientNetLite(nnx.Module):
     for index, block in enumerate(self.blocks):
       frozen = index < self.frozen_blocks
       x = block(x, train=train and not frozen)
-      if frozen and index + 1 == self.frozen_blocks:
+      if frozen:  # Also cuts the decoder's path into the frozen blocks through 'stride4'.
         x = jax.lax.stop_gradient(x)
       if index in self.feature_at:
         features[self.feature_at[index]] = x
