@@ -43,19 +43,14 @@ import pathlib  # noqa: E402
 
 import pytest  # noqa: E402
 
-# The workplace's genuine samples (VOC, SBD format, COCO panoptic, split lists), next to the
-# repository: read from there, never copied into the project.
-# PSEUDOSEG_SHARED_DATA points elsewhere when the checkout does not sit next to shared/.
-SHARED_DATA_DIR = pathlib.Path(os.environ.get(
-    "PSEUDOSEG_SHARED_DATA", pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"))
+# Small genuine samples (VOC, SBD format, COCO panoptic, split lists) committed under tests/data;
+# tests/data/SOURCES.md says where each file comes from and under which licence.
+SAMPLE_DATA_DIR = pathlib.Path(__file__).resolve().parent / "data"
 
 
 @pytest.fixture(scope="session")
-def shared_data_dir() -> pathlib.Path:
-  if not SHARED_DATA_DIR.is_dir():
-    pytest.fail(f"The shared sample data is missing: expected {SHARED_DATA_DIR} (../shared/data "
-                "next to the repository, or set PSEUDOSEG_SHARED_DATA).")
-  return SHARED_DATA_DIR
+def sample_data_dir() -> pathlib.Path:
+  return SAMPLE_DATA_DIR
 
 
 # The end-to-end modules: each starts training processes or compiles several PseudoSeg steps (1-5

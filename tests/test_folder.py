@@ -1,5 +1,5 @@
 """A user's folder dataset: which image plays which role, pixels as written, errors naming the file,
-and two PseudoSeg steps through the CLI on genuine photos (../shared/data, copied into tmp_path)."""
+and two PseudoSeg steps through the CLI on genuine photos (tests/data, copied into tmp_path)."""
 
 import json
 import logging
@@ -285,15 +285,15 @@ def test_skip_bad_examples_skips_and_counts(tmp_path, project_log):
 
 
 # ---------------------------------------------------------------- genuine photos
-def copy_genuine_folder(shared, root, *, shrink=1):
+def copy_genuine_folder(samples, root, *, shrink=1):
   """VOC photos and palette masks (2 labeled, 1 val), COCO photos as mask-less unlabeled images."""
-  voc = shared / "voc2012_mini" / "VOCdevkit" / "VOC2012"
+  voc = samples / "voc2012_mini" / "VOCdevkit" / "VOC2012"
   for folder_name in ("images", "masks"):
     os.makedirs(root / folder_name)
   files = [(voc / "JPEGImages" / f"{i}.jpg", root / "images" / f"{i}.jpg") for i in VOC_IDS]
   files += [(voc / "SegmentationClass" / f"{i}.png", root / "masks" / f"{i}.png") for i in VOC_IDS]
   # An upper-case extension, as cameras write them.
-  files += [(shared / "coco_panoptic_sample" / "input_images" / f"{i}.jpg",
+  files += [(samples / "coco_panoptic_sample" / "input_images" / f"{i}.jpg",
              root / "images" / f"{i}.JPG") for i in COCO_IDS]
   for source, target in files:
     if shrink == 1:
@@ -307,13 +307,13 @@ def copy_genuine_folder(shared, root, *, shrink=1):
   write_lines(root / "classes.txt", VOC_CLASSES)
 
 
-def test_genuine_voc_masks_are_read_as_their_indices(tmp_path, shared_data_dir):
-  copy_genuine_folder(shared_data_dir, tmp_path)
+def test_genuine_voc_masks_are_read_as_their_indices(tmp_path, sample_data_dir):
+  copy_genuine_folder(sample_data_dir, tmp_path)
   config = folder_config_for(tmp_path, data__num_classes=21)
   source = datasets.load_source(config)
   assert source.class_names == VOC_CLASSES and source.num_unlabeled == 2
   assert not source.unlabeled_has_masks
-  voc = shared_data_dir / "voc2012_mini" / "VOCdevkit" / "VOC2012"
+  voc = sample_data_dir / "voc2012_mini" / "VOCdevkit" / "VOC2012"
   examples = {**read_all(source.labeled), **read_all(source.eval)}
   assert sorted(examples) == sorted(VOC_IDS)
   for example_id, example in examples.items():
@@ -326,8 +326,8 @@ def test_genuine_voc_masks_are_read_as_their_indices(tmp_path, shared_data_dir):
 
 
 # ---------------------------------------------------------------- the config file
-def test_config_reads_classes_and_the_val_image_sizes(tmp_path, shared_data_dir):
-  copy_genuine_folder(shared_data_dir, tmp_path)
+def test_config_reads_classes_and_the_val_image_sizes(tmp_path, sample_data_dir):
+  copy_genuine_folder(sample_data_dir, tmp_path)
   config = folder_config.get_config(f"root={tmp_path},backbone=resnet_tiny,steps=7")
   config_lib.validate(config)
   assert (config.data.num_classes, config.eval_crop_size, config.total_steps) == (21, 501, 7)
@@ -349,9 +349,9 @@ def test_next_deeplab_size():
 
 
 # ---------------------------------------------------------------- acceptance: the CLI
-def test_two_pseudoseg_steps_through_the_cli(tmp_path, shared_data_dir):
+def test_two_pseudoseg_steps_through_the_cli(tmp_path, sample_data_dir):
   root, workdir = tmp_path / "data", tmp_path / "work"
-  copy_genuine_folder(shared_data_dir, root, shrink=8)
+  copy_genuine_folder(sample_data_dir, root, shrink=8)
   overrides = {"model.aspp_channels": 16, "model.decoder_channels": 16,
                "model.low_level_channels": 8, "model.sgc_attention_dim": 8,
                "data.shuffle_buffer": 8, "image_summary_every": 0}

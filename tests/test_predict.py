@@ -65,26 +65,26 @@ def scores_fn(model):
   return inference.make_scores_fn(model, scales=(1.0,), flip=False, batch_size=4)
 
 
-def shared_photo(shared_data_dir, name):
+def sample_photo(sample_data_dir, name):
   for folder in ("voc2012_mini/VOCdevkit/VOC2012/JPEGImages", "coco_panoptic_sample/input_images"):
-    path = shared_data_dir / folder / name
+    path = sample_data_dir / folder / name
     if path.exists():
       return Image.open(path).convert("RGB")
   raise FileNotFoundError(name)
 
 
 @pytest.fixture(scope="module")
-def photos(shared_data_dir, tmp_path_factory):
+def photos(sample_data_dir, tmp_path_factory):
   """Real photos at odd sizes and modes: fitting the eval crop, exactly it, larger, gray, RGBA."""
   folder = tmp_path_factory.mktemp("photos")
-  voc = [shared_photo(shared_data_dir, f"2011_0000{i}.jpg") for i in ("03", "06", "25")]
-  coco = [shared_photo(shared_data_dir, f"000000{i}.jpg") for i in ("142238", "439180")]
+  voc = [sample_photo(sample_data_dir, f"2011_0000{i}.jpg") for i in ("03", "06", "25")]
+  coco = [sample_photo(sample_data_dir, f"000000{i}.jpg") for i in ("142238", "439180")]
   voc[0].resize((83, 61)).save(folder / "small.jpg", quality=95)
   voc[1].crop((100, 50, 100 + WINDOW, 50 + WINDOW)).save(folder / "exact.png")
   coco[0].resize((203, 150)).save(folder / "larger.jpg", quality=95)
   coco[1].resize((50, 90)).convert("L").save(folder / "gray.png")
   voc[2].resize((70, 64)).convert("RGBA").save(folder / "alpha.png")
-  shutil.copy(shared_data_dir / "voc2012_mini/VOCdevkit/VOC2012/JPEGImages/2011_000006.jpg",
+  shutil.copy(sample_data_dir / "voc2012_mini/VOCdevkit/VOC2012/JPEGImages/2011_000006.jpg",
               folder / "full_size.jpg")
   return folder
 
@@ -156,9 +156,9 @@ def test_mask_is_the_argmax_over_the_eval_crop_canvas_cropped_back(model, scores
                              atol=1e-4)
 
 
-def test_exif_rotated_jpeg_gives_the_mask_of_the_displayed_image(model, scores_fn, shared_data_dir,
+def test_exif_rotated_jpeg_gives_the_mask_of_the_displayed_image(model, scores_fn, sample_data_dir,
                                                                 tmp_path):
-  stored = shared_photo(shared_data_dir, "2011_000025.jpg").resize((90, 60))
+  stored = sample_photo(sample_data_dir, "2011_000025.jpg").resize((90, 60))
   exif = Image.Exif()
   exif[0x0112] = 6  # Orientation: shown rotated 90 degrees clockwise.
   stored.save(tmp_path / "phone.jpg", exif=exif.tobytes(), quality=95)

@@ -17,8 +17,8 @@ def test_fraction_sizes_match_the_published_splits(pool, fraction, size):
   assert subsets.fraction_size(pool, fraction) == size
 
 
-def test_published_list_files_parse_as_they_are(shared_data_dir):
-  splits = shared_data_dir / "splits"
+def test_published_list_files_parse_as_they_are(sample_data_dir):
+  splits = sample_data_dir / "splits"
   classic = subsets.read_id_list(str(splits / "pascal_voc" / "classic" / "92.txt"))
   assert len(classic) == 92 and all(len(i) == 11 and i[4] == "_" for i in classic)
   train_aug = subsets.read_id_list(str(splits / "pascal_voc" / "train_aug.txt"))

@@ -1,4 +1,4 @@
-"""The VOC + SBD builder on VOC-layout trees made from the genuine samples in ../shared/data."""
+"""The VOC + SBD builder on VOC-layout trees made from the genuine samples in tests/data."""
 
 import os
 import shutil
@@ -34,11 +34,11 @@ def _write_lines(path, lines):
     f.write("".join(f"{line}\n" for line in lines))
 
 
-def make_voc_tree(shared, root, *, mask_mode="P", augmented="folder"):
+def make_voc_tree(samples, root, *, mask_mode="P", augmented="folder"):
   """VOCdevkit/VOC2012 (3 real photos and masks + stand-ins) and the augmented masks."""
   voc_root = root / "VOCdevkit" / "VOC2012"
-  sample_root = shared / "voc2012_mini" / "VOCdevkit" / "VOC2012"
-  aug_sample = shared / "voc_segclassaug_masks" / "SegmentationClassAug"
+  sample_root = samples / "voc2012_mini" / "VOCdevkit" / "VOC2012"
+  aug_sample = samples / "voc_segclassaug_masks" / "SegmentationClassAug"
   for folder in ("JPEGImages", "SegmentationClass"):
     os.makedirs(voc_root / folder)
   for example_id in REAL_TRAIN_IDS:
@@ -97,9 +97,9 @@ def read_split(builder, split):
 
 
 @pytest.fixture(scope="module")
-def voc_builder(shared_data_dir, tmp_path_factory):
+def voc_builder(sample_data_dir, tmp_path_factory):
   root = tmp_path_factory.mktemp("manual")
-  make_voc_tree(shared_data_dir, root)
+  make_voc_tree(sample_data_dir, root)
   return prepare(root, tmp_path_factory.mktemp("tfds"))
 
 
@@ -111,7 +111,7 @@ def test_split_ids_follow_voc_lists_and_augmented_masks(voc_builder):
   assert sorted(read_split(voc_builder, "train_aug")) == sorted(expected - set(VAL_IDS))
 
 
-def test_masks_are_palette_indices_with_known_classes(voc_builder, shared_data_dir):
+def test_masks_are_palette_indices_with_known_classes(voc_builder, sample_data_dir):
   train = read_split(voc_builder, "train")
   # Known classes of the genuine VOC masks: 5 bottle + 15 person; 9 chair, 15, 18 sofa; 6 bus, 7 car.
   expected_classes = {"2011_000003": {0, 5, 15, 255}, "2011_000006": {0, 9, 15, 18, 255},
@@ -119,7 +119,7 @@ def test_masks_are_palette_indices_with_known_classes(voc_builder, shared_data_d
   for example_id, classes in expected_classes.items():
     mask = train[example_id]["mask"][..., 0]
     assert set(np.unique(mask)) == classes
-    source = shared_data_dir / "voc2012_mini" / "VOCdevkit" / "VOC2012" / "SegmentationClass"
+    source = sample_data_dir / "voc2012_mini" / "VOCdevkit" / "VOC2012" / "SegmentationClass"
     np.testing.assert_array_equal(mask, np.asarray(Image.open(source / f"{example_id}.png")))
     assert train[example_id]["image"].shape[:2] == mask.shape
   assert train["2011_000003"]["image"].shape == (338, 500, 3)
@@ -127,8 +127,8 @@ def test_masks_are_palette_indices_with_known_classes(voc_builder, shared_data_d
   assert set(np.unique(sbd_only)) == {0, 20}  # tvmonitor, no void band (SBD).
 
 
-def test_grayscale_masks_give_the_same_dataset(voc_builder, shared_data_dir, tmp_path):
-  make_voc_tree(shared_data_dir, tmp_path / "manual", mask_mode="L")
+def test_grayscale_masks_give_the_same_dataset(voc_builder, sample_data_dir, tmp_path):
+  make_voc_tree(sample_data_dir, tmp_path / "manual", mask_mode="L")
   gray = read_split(prepare(tmp_path / "manual", tmp_path / "tfds"), "train_aug")
   palette = read_split(voc_builder, "train_aug")
   assert sorted(gray) == sorted(palette)
@@ -136,8 +136,8 @@ def test_grayscale_masks_give_the_same_dataset(voc_builder, shared_data_dir, tmp
     np.testing.assert_array_equal(gray[example_id]["mask"], palette[example_id]["mask"])
 
 
-def test_sbd_mat_structure_is_parsed(shared_data_dir, tmp_path):
-  genuine = voc.read_sbd_mask(str(shared_data_dir / "sbd_format_synthetic" / "cls" / "000001.mat"))
+def test_sbd_mat_structure_is_parsed(sample_data_dir, tmp_path):
+  genuine = voc.read_sbd_mask(str(sample_data_dir / "sbd_format_synthetic" / "cls" / "000001.mat"))
   assert genuine.shape == (375, 500) and genuine.dtype == np.uint8
   known = np.zeros((4, 6), np.uint8)
   known[1:3, 2:5] = 12
@@ -148,9 +148,9 @@ def test_sbd_mat_structure_is_parsed(shared_data_dir, tmp_path):
     voc.read_sbd_mask(str(tmp_path / "bad.mat"))
 
 
-def test_builds_from_sbd_archives(shared_data_dir, tmp_path):
+def test_builds_from_sbd_archives(sample_data_dir, tmp_path):
   staging = tmp_path / "staging"
-  make_voc_tree(shared_data_dir, staging, augmented="sbd")
+  make_voc_tree(sample_data_dir, staging, augmented="sbd")
   manual = tmp_path / "manual"
   os.makedirs(manual)
   with tarfile.open(manual / voc.VOC_ARCHIVE, "w") as tar:
@@ -161,7 +161,7 @@ def test_builds_from_sbd_archives(shared_data_dir, tmp_path):
   train_aug = read_split(builder, "train_aug")
   sbd_ids = set(SBD_ONLY_IDS) | {"2007_002142", "2007_002234"}
   assert set(train_aug) == (sbd_ids | set(REAL_TRAIN_IDS) | set(EXTRA_TRAIN_IDS))
-  source = shared_data_dir / "voc_segclassaug_masks" / "SegmentationClassAug"
+  source = sample_data_dir / "voc_segclassaug_masks" / "SegmentationClassAug"
   expected = np.asarray(Image.open(source / "2007_002142.png")).copy()
   expected[expected == 255] = 0
   np.testing.assert_array_equal(train_aug["2007_002142"]["mask"][..., 0], expected)
@@ -182,9 +182,9 @@ def test_missing_manual_files_name_what_to_download(tmp_path):
     ("mask_value", "values \\[21\\]"),
     ("rgb_mask", "'RGB' image"),
 ])
-def test_bad_files_stop_preparation_naming_the_file(shared_data_dir, tmp_path, damage, message):
+def test_bad_files_stop_preparation_naming_the_file(sample_data_dir, tmp_path, damage, message):
   root = tmp_path / "manual"
-  voc_root = make_voc_tree(shared_data_dir, root)
+  voc_root = make_voc_tree(sample_data_dir, root)
   masks = voc_root / "SegmentationClass"
   if damage == "corrupt_jpeg":
     path = voc_root / "JPEGImages" / "2007_000032.jpg"
@@ -201,8 +201,8 @@ def test_bad_files_stop_preparation_naming_the_file(shared_data_dir, tmp_path, d
     prepare(root, tmp_path / "tfds")
 
 
-def test_skip_bad_examples_skips_and_keeps_the_rest(shared_data_dir, tmp_path):
-  voc_root = make_voc_tree(shared_data_dir, tmp_path / "manual")
+def test_skip_bad_examples_skips_and_keeps_the_rest(sample_data_dir, tmp_path):
+  voc_root = make_voc_tree(sample_data_dir, tmp_path / "manual")
   path = voc_root / "JPEGImages" / "2011_000003.jpg"
   path.write_bytes(path.read_bytes()[:2000])
   builder = prepare(tmp_path / "manual", tmp_path / "tfds", skip_bad_examples=True)
