@@ -76,12 +76,8 @@ def eval_crop_of(root: str, argument: str | None) -> int:
 
 def use_small_model(config) -> None:
   """resnet_tiny with the demo's small head: a model a CPU trains in minutes, for smoke runs."""
-  config.model.output_stride = 8
-  config.model.aspp_rates = (2, 4, 6)
-  config.model.aspp_channels = 64
-  config.model.decoder_channels = 64
-  config.model.low_level_channels = 24
-  config.model.sgc_attention_dim = 32
+  config.model.update(output_stride=8, aspp_rates=(2, 4, 6), aspp_channels=64, decoder_channels=64,
+                      low_level_channels=24, sgc_attention_dim=32)
 
 
 def use_cpu_preset(config, args: dict) -> None:
@@ -91,19 +87,14 @@ def use_cpu_preset(config, args: dict) -> None:
   class, CutMix)."""
   config.total_steps = int(args.get("steps", 250))
   config.crop_size = int(args.get("crop", 161))
-  config.model.backbone = "efficientnet_lite0"
-  config.model.init_from = "efficientnet_lite0_imagenet"
-  # Train stages 5-7 and the heads: the stem and stages 1-4 (blocks 0-7, strides 2-16) keep their
-  # ImageNet weights, which halves the step and suits a few labeled images.
-  config.model.frozen_backbone_blocks = 8
-  config.model.output_stride = 16
-  # DeepLab's 6/12/18 suit a 33x33 map (513 crop); a 161 crop gives 11x11, a 321 image 21x21.
-  config.model.aspp_rates = (2, 4, 6)
-  config.model.aspp_channels = 128
-  # The decoder's two 3x3 convs at stride 4 are most of the step's FLOPs: 64 channels.
-  config.model.decoder_channels = 64
-  config.model.low_level_channels = 32
-  config.model.sgc_attention_dim = 64
+  # frozen_backbone_blocks: train stages 5-7 and the heads; the stem and stages 1-4 (blocks 0-7,
+  # strides 2-16) keep their ImageNet weights, which halves the step and suits a few labeled images.
+  # aspp_rates: DeepLab's 6/12/18 suit a 33x33 map (513 crop); a 161 crop gives 11x11, a 321 image
+  # 21x21. decoder_channels: its two 3x3 convs at stride 4 are most of the step's FLOPs.
+  config.model.update(backbone="efficientnet_lite0", init_from="efficientnet_lite0_imagenet",
+                      frozen_backbone_blocks=8, output_stride=16, aspp_rates=(2, 4, 6),
+                      aspp_channels=128, decoder_channels=64, low_level_channels=32,
+                      sgc_attention_dim=64)
   config.optimizer.name = "sgd"
   config.optimizer.learning_rate = 0.02
   config.optimizer.weight_decay = 1e-4

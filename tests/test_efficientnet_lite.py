@@ -84,13 +84,9 @@ PARITY_PHOTO = "voc2012_mini/VOCdevkit/VOC2012/JPEGImages/2011_000025.jpg"
 
 def lite_config(**overrides):
   config = base_config().model
-  config.backbone = "efficientnet_lite0"
-  config.aspp_channels = 16
-  config.decoder_channels = 16
-  config.low_level_channels = 8
-  config.sgc_attention_dim = 8
-  for field, value in overrides.items():
-    config[field] = value
+  config.update(backbone="efficientnet_lite0", aspp_channels=16, decoder_channels=16,
+                low_level_channels=8, sgc_attention_dim=8)
+  config.update(overrides)
   return config
 
 

@@ -61,6 +61,19 @@ def expected_shapes(params_backbone: Mapping, stats_backbone: Mapping) -> dict:
   return {name: tuple(getattr(value, "shape", np.shape(value))) for name, value in flat.items()}
 
 
+def renamed_tensors(state_dict: Mapping, is_dropped, convert_tensor, *, source: str) -> dict:
+  """Our name -> array for every file tensor `is_dropped` keeps, via convert_tensor(name, array)."""
+  weights = {}
+  for file_name, array in state_dict.items():
+    if is_dropped(file_name):
+      continue
+    name, value = convert_tensor(file_name, np.asarray(array))
+    if name in weights:  # Two file tensors for one of ours: never pick one silently.
+      raise ValueError(f"{source}: {file_name} and another tensor both map to {name}.")
+    weights[name] = value
+  return weights
+
+
 def mapping_errors(weights: Mapping, shapes: Mapping) -> list[str]:
   """Human-readable lines for every missing, unexpected and mis-shaped tensor; empty = exact."""
   missing = sorted(set(shapes) - set(weights))

