@@ -244,14 +244,27 @@ def class_balanced_confident(probs: jax.Array, valid: jax.Array, threshold: floa
   """
   confidence = jnp.max(probs, axis=-1)
   labels = jnp.argmax(probs, axis=-1)
-  is_valid = valid > 0
-  num_classes = probs.shape[-1]
-
-  def class_threshold(c):
-    of_class = jnp.where(is_valid & (labels == c), confidence, jnp.nan)
-    # No pixel of class c: nanquantile is nan, and comparisons with nan are False (unused anyway).
-    return jnp.nanquantile(of_class, 1.0 - kept_fraction)
-
-  per_class = jax.vmap(class_threshold)(jnp.arange(num_classes))
+  per_class = per_class_quantiles(confidence, labels, valid > 0, probs.shape[-1],
+                                  1.0 - kept_fraction)
   per_class = jnp.minimum(jnp.nan_to_num(per_class, nan=threshold), threshold)
   return (confidence >= per_class[labels]).astype(jnp.float32)
+
+
+def per_class_quantiles(values: jax.Array, labels: jax.Array, is_valid: jax.Array,
+                        num_classes: int, q: float) -> jax.Array:
+  """float32 [num_classes]: numpy's (linear) q-quantile of the valid values of each label, nan for
+  a label with none. One sort of (label, value) pairs serves every class: a sort per class costs
+  num_classes times as much (21 sorts of every pixel of the batch for VOC)."""
+  class_key = jnp.where(is_valid, labels, num_classes).ravel()  # Invalid pixels sort last.
+  _, sorted_values = jax.lax.sort((class_key, values.ravel()), num_keys=2)
+  counts = jnp.bincount(class_key, length=num_classes + 1)[:num_classes]
+  starts = jnp.cumsum(counts) - counts
+  # jnp.nanquantile's arithmetic, so that the thresholds are bit for bit the same as one per class.
+  position = q * (counts - 1).astype(jnp.float32)
+  below, above = jnp.floor(position), jnp.ceil(position)
+  high_weight = position - below
+  last = jnp.maximum(counts - 1, 0)
+  low = sorted_values[starts + jnp.clip(below, 0, last).astype(jnp.int32)]
+  high = sorted_values[starts + jnp.clip(above, 0, last).astype(jnp.int32)]
+  quantiles = low * (1 - high_weight) + high * high_weight
+  return jnp.where(counts > 0, quantiles, jnp.nan)

@@ -71,6 +71,27 @@ def test_class_balanced_confidence_keeps_the_top_fraction_of_each_class():
   np.testing.assert_array_equal(kept[6:], [1, 0])  # The quantile of {0.4, 0.3} is 0.35.
 
 
+def test_per_class_quantiles_equal_numpys_nanquantile():
+  rng = np.random.default_rng(0)
+  values = rng.random((2, 5, 7)).astype(np.float32)
+  labels = rng.integers(0, 4, (2, 5, 7))  # Class 4 of 5 never occurs: nan.
+  is_valid = rng.random((2, 5, 7)) > 0.3
+  labels[0, 0, :3], is_valid[0, 0, :3] = 3, True
+  is_valid[labels == 3] = False
+  is_valid[0, 0, 0] = True  # Class 3: a single valid value.
+  for q in (0.0, 0.3, 0.5, 0.9, 1.0):
+    got = np.asarray(pseudo_labels.per_class_quantiles(jnp.asarray(values), jnp.asarray(labels),
+                                                       jnp.asarray(is_valid), 5, q))
+    expected = [np.nanquantile(np.where(is_valid & (labels == c), values, np.nan), q)
+                if (is_valid & (labels == c)).any() else np.nan for c in range(5)]
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+    # Bit for bit what one jnp.nanquantile per class (the former code) gives.
+    one_per_class = [jnp.nanquantile(jnp.where(jnp.asarray(is_valid & (labels == c)),
+                                               jnp.asarray(values), jnp.nan), q) for c in range(5)]
+    np.testing.assert_array_equal(got, np.asarray(one_per_class))
+    assert got[3] == values[0, 0, 0] and np.isnan(got[4])
+
+
 def test_restricting_to_image_labels_moves_absent_classes_to_present_ones():
   probs = jnp.array([[[[0.1, 0.6, 0.3]]], [[[0.1, 0.6, 0.3]]]])  # [2, 1, 1, 3]
   labels = jnp.array([[0.0, 1.0], [1.0, 1.0]])  # Image 0 lacks class 1.
