@@ -5,6 +5,7 @@ import pytest
 import tensorflow as tf
 
 from pseudoseg_jax import recipes
+from pseudoseg_jax.data import split_lists
 from pseudoseg_jax.data.datasets import subsets
 
 
@@ -17,19 +18,41 @@ def test_fraction_sizes_match_the_published_splits(pool, fraction, size):
   assert subsets.fraction_size(pool, fraction) == size
 
 
-def test_published_list_files_parse_as_they_are(sample_data_dir):
-  splits = sample_data_dir / "splits"
-  classic = subsets.read_id_list(str(splits / "pascal_voc" / "classic" / "92.txt"))
-  assert len(classic) == 92 and all(len(i) == 11 and i[4] == "_" for i in classic)
-  train_aug = subsets.read_id_list(str(splits / "pascal_voc" / "train_aug.txt"))
-  assert len(train_aug) == 10582
-  blended = subsets.read_id_list(str(splits / "pascal_voc" / "blended" / "1_16.txt"))
-  assert len(blended) == 662
-  subsets.check_ids_exist(blended, train_aug, what="1_16.txt", where="train_aug")
-  coco = subsets.read_id_list(str(splits / "coco" / "512_all.txt"))
-  assert len(coco) == 232 and all(i.isdigit() and len(i) == 12 for i in coco)
-  paper = subsets.read_id_list(str(splits / "pascal_voc" / "pseudoseg" / "16_clean_3.txt"))
-  assert len(paper) == 92
+def read_shipped(file: str) -> list[str]:
+  return subsets.read_id_list(split_lists.path_of(file))
+
+
+@pytest.mark.parametrize("key", sorted(split_lists.PUBLISHED))
+def test_every_shipped_list_holds_its_published_count_of_distinct_ids(key):
+  file, count = split_lists.PUBLISHED[key]
+  ids = subsets.read_id_list(split_lists.published_list(*key))
+  assert len(ids) == len(set(ids)) == count, file
+
+
+def test_shipped_lists_parse_as_they_are_and_lie_in_their_pools():
+  train_aug = read_shipped(split_lists.VOC_TRAIN_AUG[0])
+  assert len(train_aug) == split_lists.VOC_TRAIN_AUG[1]
+  assert len(read_shipped(split_lists.VOC_VAL[0])) == split_lists.VOC_VAL[1]
+  clean = read_shipped("pascal_voc/classic/1464.txt")
+  assert all(len(i) == 11 and i[4] == "_" for i in clean)
+  subsets.check_ids_exist(clean, train_aug, what="1464.txt", where="train_aug")
+  for (dataset, split), (file, _) in split_lists.PUBLISHED.items():
+    ids = read_shipped(file)
+    if dataset == "coco":
+      assert all(i.isdigit() and len(i) == 12 for i in ids), file
+    elif split.isdigit():  # Classic: inside the 1,464 finely labeled images.
+      subsets.check_ids_exist(ids, clean, what=file, where="1464.txt")
+    else:
+      subsets.check_ids_exist(ids, train_aug, what=file, where="train_aug")
+  # The paper's lists are the classic ones (SOURCES.md says so).
+  for paper, classic in (("16_clean_3", "92"), ("8_clean", "183"), ("4_clean", "366")):
+    assert sorted(read_shipped(f"pascal_voc/pseudoseg/{paper}.txt")) == sorted(
+        read_shipped(f"pascal_voc/classic/{classic}.txt"))
+
+
+def test_an_unknown_published_split_is_refused_naming_the_known_ones():
+  with pytest.raises(ValueError, match="No published voc list named '1_3'; known: 92, 183"):
+    split_lists.published_list("voc", "1_3")
 
 
 def test_id_from_line_formats():
