@@ -3,10 +3,10 @@
   python -m pseudoseg_jax.main --config=configs/coco_pseudoseg.py:split=1_512 \
       --workdir=workdirs/coco_1_512 --config.data.data_dir=/path/to/tfds
 
-Arguments after the colon: split=1_512|1_256|1_128|1_64|1_32 (default 1_512): a seeded draw of
-ceil(fraction x 118,287) train images, 232 / 463 / 925 / 1,849 / 3,697 (config.data.split_seed
-picks the draw); labeled_list=PATH (a list of ids used instead of the draw, e.g. the paper's
-512_all.txt, lines like train2017/000000177254); method=pseudoseg (default) or supervised (the
+Arguments after the colon: split=1_512|1_256|1_128|1_64|1_32 (default 1_512): the paper's published
+list of 232 / 463 / 925 / 1,849 / 3,697 train images (pseudoseg_jax/data/split_lists/coco);
+labeled_list=PATH (another list of ids, lines like train2017/000000177254); split_seed=N (a draw of
+ceil(fraction x 118,287) images with that seed instead of the list); method=pseudoseg (default) or supervised (the
 baseline: the same labeled images, no unlabeled stream); weak_labels=true (the unlabeled images
 come with image-level labels from their masks); steps=N (default 200,000).
 The unlabeled pool is the rest of train2017 (train minus the labeled images); evaluation is on the
@@ -21,18 +21,20 @@ config.pseudoseg.unlabeled_batch_size together on fewer accelerators). Not yet t
 data and no accelerator on the development machine; 200,000 steps are about 6.7x the VOC run.
 Expected: the paper's COCO numbers use DeepLabv3+ with Xception-65 from ImageNet weights, as
 listed by the UniMatch README (val mIoU, 1/512 / 1/256 / 1/128 / 1/64 / 1/32): supervised 22.9 /
-28.0 / 33.6 / 37.8 / 42.2, PseudoSeg 29.8 / 37.1 / 39.1 / 41.8 / 43.6. This config uses ResNet-101
-(Xception-65 and loading ImageNet weights are open issues), so it is not directly comparable;
-from scratch it will land far below.
+28.0 / 33.6 / 37.8 / 42.2, PseudoSeg 29.8 / 37.1 / 39.1 / 41.8 / 43.6. This config builds ResNet-101
+(the peers' backbone), from scratch unless model.init_from is set (e.g. resnet101_torchvision,
+downloaded by name), so it is not directly comparable; the paper's network is
+--config.model.backbone=xception65 --config.model.init_from=xception65_imagenet.
 """
 
 from pseudoseg_jax import config as config_lib
 from pseudoseg_jax import recipes
+from pseudoseg_jax.data import split_lists
 
 
 def get_config(arg: str | None = None):
   args = config_lib.parse_args(
-      arg, known=("split", "labeled_list", "method", "weak_labels", "steps"),
+      arg, known=("split", "labeled_list", "split_seed", "method", "weak_labels", "steps"),
       source="coco_pseudoseg.py")
   split = args.get("split", "1_512")
   if split not in recipes.COCO_SPLITS:
@@ -48,10 +50,15 @@ def get_config(arg: str | None = None):
   config.data.train_split = "train"
   config.data.eval_split = "validation"
   config.data.unlabeled_split = "train"
-  config.data.labeled_list = args.get("labeled_list", "")
+  split_seed = recipes.parse_split_seed(args)
+  labeled_list = args.get("labeled_list", "")
+  drawn = not labeled_list and split_seed is not None
+  config.data.labeled_list = labeled_list or (
+      "" if drawn else split_lists.published_list("coco", split))
   config.data.num_labeled = 0
-  config.data.labeled_fraction = (0.0 if config.data.labeled_list
-                                  else recipes.parse_fraction(split))
+  config.data.labeled_fraction = recipes.parse_fraction(split) if drawn else 0.0
+  if drawn:
+    config.data.split_seed = split_seed
   # The labeled images are a sliver of train: the pool is the rest, as the peers use it.
   config.data.unlabeled_includes_labeled = False
   config.pseudoseg.weak_labels = config_lib.parse_bool(args.get("weak_labels", "false"),

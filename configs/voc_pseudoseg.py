@@ -4,10 +4,11 @@
       --config.data.manual_dir=/path/to/manual --config.data.data_dir=/path/to/tfds
 
 Arguments after the colon: split=92|183|366|732|1464 (classic: N of the 1,464 train images;
-default 1464) or 1_16|1_8|1_4|1_2 (blended: that fraction of train_aug); labeled_list=PATH (a list
-of ids, e.g. the paper's 16_clean_3.txt for split=92, used instead of a seeded draw;
-config.data.split_seed picks the draw); weak_labels=true (the unlabeled train_aug images come with
-image-level labels); steps=N (default 30,000).
+default 1464) or 1_16|1_8|1_4|1_2 (blended: that fraction of train_aug), labeled with the split's
+published list (pseudoseg_jax/data/split_lists: the paper's own 16_clean_3 / 8_clean / 4_clean for
+92 / 183 / 366, the peers' lists for the others); labeled_list=PATH (another list of ids);
+split_seed=N (a draw of the split's size with that seed instead of the list); weak_labels=true (the
+unlabeled train_aug images come with image-level labels); steps=N (default 30,000).
 Data: put VOCtrainval_11-May-2012.tar and SBD's benchmark.tgz (or SegmentationClassAug) in the manual
 dir; the first run prepares the dataset (pseudoseg_jax/data/datasets/voc.py).
 Hardware: the original used 16 GPUs (4 labeled + 4 unlabeled images each, crop 513); the global
@@ -26,6 +27,6 @@ from pseudoseg_jax import recipes
 
 
 def get_config(arg: str | None = None):
-  args = config_lib.parse_args(arg, known=("split", "labeled_list", "weak_labels", "steps"),
+  args = config_lib.parse_args(arg, known=("split", "labeled_list", "split_seed", "weak_labels", "steps"),
                                source="voc_pseudoseg.py")
   return recipes.voc_config("pseudoseg", args)

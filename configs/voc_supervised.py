@@ -4,8 +4,8 @@
       --workdir=workdirs/voc_sup_92 --config.data.manual_dir=/path/to/manual \
       --config.data.data_dir=/path/to/tfds
 
-Arguments: split=92|183|366|732|1464|1_16|1_8|1_4|1_2 (default 1464), labeled_list=PATH,
-steps=N (default 30,000): the same labeled images as configs/voc_pseudoseg.py with the same
+Arguments: split=92|183|366|732|1464|1_16|1_8|1_4|1_2 (default 1464; its published list),
+labeled_list=PATH, split_seed=N, steps=N (default 30,000): the same labeled images as configs/voc_pseudoseg.py with the same
 arguments, so the two runs compare the methods and nothing else.
 Hardware and data: as configs/voc_pseudoseg.py (64 labeled images per step; no unlabeled stream,
 so a step costs about a third of a PseudoSeg step). Not yet timed here (no VOC data, no
@@ -20,6 +20,6 @@ from pseudoseg_jax import recipes
 
 
 def get_config(arg: str | None = None):
-  args = config_lib.parse_args(arg, known=("split", "labeled_list", "steps"),
+  args = config_lib.parse_args(arg, known=("split", "labeled_list", "split_seed", "steps"),
                                source="voc_supervised.py")
   return recipes.voc_config("supervised", args)

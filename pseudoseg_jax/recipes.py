@@ -11,6 +11,7 @@ import fractions
 import ml_collections
 
 from pseudoseg_jax import config as config_lib
+from pseudoseg_jax.data import split_lists
 
 # VOC split names: a count of the 1,464 finely labeled images ("classic", the PseudoSeg paper's
 # protocol) or a fraction of the 10,582 train_aug images ("blended", the later peers' protocol).
@@ -45,32 +46,39 @@ def paper_recipe(config: ml_collections.ConfigDict) -> None:
   config.model.aspp_rates = (6, 12, 18)
 
 
-def voc_data(config: ml_collections.ConfigDict, split: str, labeled_list: str = "") -> None:
+def parse_split_seed(args: dict) -> int | None:
+  """The config argument split_seed=N (a seeded draw instead of the published list), or None."""
+  return int(args["split_seed"]) if args.get("split_seed", "") != "" else None
+
+
+def voc_data(config: ml_collections.ConfigDict, split: str, labeled_list: str = "",
+             split_seed: int | None = None) -> None:
   """PASCAL VOC 2012 + SBD with the labeled images of `split` (module docstring).
 
-  Classic splits draw N of the 1,464 train images (or read `labeled_list`, e.g. the paper's
-  16_clean_3.txt), and keep the labeled images in the unlabeled train_aug pool as the original
-  does. Blended splits draw a fraction of train_aug and leave them out of the unlabeled pool as the
+  The labeled images are `labeled_list` if given, else a draw with `split_seed` if given, else the
+  published list of the split (data/split_lists: the paper's own for 92 / 183 / 366, the peers'
+  for the rest); split 1464 is all of train. Classic splits keep the labeled images in the
+  unlabeled train_aug pool as the original does; blended splits leave them out of it as the
   PyTorch peers do.
   """
   config.data.name = "voc"
   config.data.num_classes = 21
   config.data.eval_split = "val"
   config.data.unlabeled_split = "train_aug"
-  config.data.labeled_list = labeled_list
-  if split in VOC_CLASSIC_SPLITS:
-    config.data.train_split = "train"
-    config.data.num_labeled = 0 if labeled_list or split == "1464" else int(split)
-    config.data.labeled_fraction = 0.0
-    config.data.unlabeled_includes_labeled = True
-  elif split in VOC_BLENDED_SPLITS:
-    config.data.train_split = "train_aug"
-    config.data.num_labeled = 0
-    config.data.labeled_fraction = 0.0 if labeled_list else parse_fraction(split)
-    config.data.unlabeled_includes_labeled = False
-  else:
+  if split not in VOC_CLASSIC_SPLITS + VOC_BLENDED_SPLITS:
     raise ValueError(f"Unknown VOC split {split!r}; known: "
                      f"{', '.join(VOC_CLASSIC_SPLITS + VOC_BLENDED_SPLITS)}.")
+  drawn = not labeled_list and split_seed is not None
+  if not labeled_list and not drawn and split != "1464":
+    labeled_list = split_lists.published_list("voc", split)
+  config.data.labeled_list = labeled_list
+  if drawn:
+    config.data.split_seed = split_seed
+  classic = split in VOC_CLASSIC_SPLITS
+  config.data.train_split = "train" if classic else "train_aug"
+  config.data.num_labeled = int(split) if drawn and classic and split != "1464" else 0
+  config.data.labeled_fraction = parse_fraction(split) if drawn and not classic else 0.0
+  config.data.unlabeled_includes_labeled = classic
 
 
 def voc_config(method: str, args: dict) -> ml_collections.ConfigDict:
@@ -79,7 +87,8 @@ def voc_config(method: str, args: dict) -> ml_collections.ConfigDict:
   config.method = method
   config.total_steps = int(args.get("steps", 30_000))
   paper_recipe(config)
-  voc_data(config, args.get("split", "1464"), args.get("labeled_list", ""))
+  voc_data(config, args.get("split", "1464"), args.get("labeled_list", ""),
+           parse_split_seed(args))
   config.pseudoseg.weak_labels = config_lib.parse_bool(args.get("weak_labels", "false"),
                                                        "weak_labels")
   return config

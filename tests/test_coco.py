@@ -408,10 +408,15 @@ def test_coco_config_splits_and_recipe():
   assert (config.crop_size, config.eval_crop_size, config.total_steps) == (513, 641, 200_000)
   assert (config.batch_size, config.pseudoseg.unlabeled_batch_size) == (64, 64)
   # The published split sizes of COCO train2017's 118,287 images.
+  # By default the paper's published list; split_seed=N draws the same count instead.
   for split, size in (("1_512", 232), ("1_256", 463), ("1_128", 925), ("1_64", 1_849),
                       ("1_32", 3_697)):
-    fraction = coco_pseudoseg.get_config(f"split={split}").data.labeled_fraction
-    assert subsets.fraction_size(118_287, fraction) == size
+    published = coco_pseudoseg.get_config(f"split={split}").data
+    assert published.labeled_fraction == 0.0
+    assert len(subsets.read_id_list(published.labeled_list)) == size
+    drawn = coco_pseudoseg.get_config(f"split={split},split_seed=2").data
+    assert (drawn.labeled_list, drawn.split_seed) == ("", 2)
+    assert subsets.fraction_size(118_287, drawn.labeled_fraction) == size
   listed = coco_pseudoseg.get_config("labeled_list=512_all.txt,method=supervised")
   assert (listed.data.labeled_list, listed.data.labeled_fraction) == ("512_all.txt", 0.0)
   assert listed.method == "supervised"
@@ -421,7 +426,7 @@ def test_coco_config_splits_and_recipe():
 
 def test_coco_config_loads_the_prepared_builder(prepared_data_dir):
   from configs import coco_pseudoseg
-  config = coco_pseudoseg.get_config("split=1_512")
+  config = coco_pseudoseg.get_config("split=1_512,split_seed=0")  # A draw: 3 images, not the list.
   config.data.data_dir = str(prepared_data_dir)
   source = datasets.load_source(config)
   # ceil(3 / 512) = 1 of the 3 train images labeled, the other 2 unlabeled.

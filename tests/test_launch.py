@@ -12,6 +12,7 @@ import sys
 import pytest
 
 from pseudoseg_jax import distributed, recipes
+from pseudoseg_jax.data import split_lists
 from test_train import ROOT
 
 LAUNCH = os.path.join(ROOT, "launch")
@@ -47,7 +48,8 @@ def test_sweep_dry_run_prints_five_voc_splits_times_three_seeds():
   for command in commands[::3]:
     split = command[3].rpartition("split=")[2]
     config = voc_pseudoseg.get_config(f"split={split}")
-    assert config.data.num_labeled == (0 if split == "1464" else int(split))
+    expected = "" if split == "1464" else split_lists.published_list("voc", split)
+    assert config.data.labeled_list == expected
 
 
 def test_sweep_of_config_arguments_and_fields_for_another_launcher():

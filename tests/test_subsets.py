@@ -1,5 +1,8 @@
 """Labeled/unlabeled selection: the published list files work as they are; seeded draws are stable."""
 
+import os
+
+import ml_collections
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -104,14 +107,33 @@ def test_keep_ids_filters_a_dataset_in_order():
   assert [(e["id"], e["value"]) for e in kept] == [(b"b", 1), (b"d", 3)]
 
 
-def test_voc_split_names_choose_the_protocol():
+def voc_selection(split: str, labeled_list: str = "", split_seed=None):
   from pseudoseg_jax import config as config_lib
-  config = config_lib.base_config()
-  recipes.voc_data(config, "183")
-  assert (config.data.train_split, config.data.num_labeled,
-          config.data.unlabeled_includes_labeled) == ("train", 183, True)
-  recipes.voc_data(config, "1_8")
-  assert (config.data.train_split, config.data.num_labeled, config.data.labeled_fraction,
-          config.data.unlabeled_includes_labeled) == ("train_aug", 0, 0.125, False)
+  data = config_lib.base_config().data
+  data.split_seed = 0
+  recipes.voc_data(ml_collections.ConfigDict({"data": data}), split, labeled_list, split_seed)
+  return (data.train_split, os.path.basename(data.labeled_list), data.num_labeled,
+          data.labeled_fraction, data.split_seed, data.unlabeled_includes_labeled)
+
+
+def test_voc_split_names_choose_the_protocol_and_the_published_list():
+  # Classic splits label the paper's own list and keep it in the unlabeled pool.
+  assert voc_selection("92") == ("train", "16_clean_3.txt", 0, 0.0, 0, True)
+  assert voc_selection("183") == ("train", "8_clean.txt", 0, 0.0, 0, True)
+  assert voc_selection("1464") == ("train", "", 0, 0.0, 0, True)  # All of train.
+  # Blended splits label the peers' list of train_aug and leave it out of the pool.
+  assert voc_selection("1_8") == ("train_aug", "1_8.txt", 0, 0.0, 0, False)
+  # split_seed opts into a draw of the same size; a list given by path wins over both.
+  assert voc_selection("183", split_seed=3) == ("train", "", 183, 0.0, 3, True)
+  assert voc_selection("1_8", split_seed=4) == ("train_aug", "", 0, 0.125, 4, False)
+  assert voc_selection("92", "/lists/mine.txt", 5) == ("train", "mine.txt", 0, 0.0, 0, True)
   with pytest.raises(ValueError, match="Unknown VOC split '1_3'"):
-    recipes.voc_data(config, "1_3")
+    voc_selection("1_3")
+
+
+def test_the_voc_configs_take_split_seed_as_an_argument():
+  from configs import voc_pseudoseg, voc_supervised
+  for module in (voc_pseudoseg, voc_supervised):
+    assert os.path.basename(module.get_config("split=366").data.labeled_list) == "4_clean.txt"
+    drawn = module.get_config("split=366,split_seed=7").data
+    assert (drawn.labeled_list, drawn.num_labeled, drawn.split_seed) == ("", 366, 7)
