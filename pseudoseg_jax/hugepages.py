@@ -14,12 +14,16 @@ glibc reads tunables once, when a process starts, so the command-line entry poin
 themselves once with the tunable added (same PID, arguments and environment otherwise). Nothing
 happens where it would not help or is not wanted: off Linux or glibc, glibc older than 2.35
 (no such tunable), transparent huge pages disabled ("never"), a GLIBC_TUNABLES that already
-names `glibc.malloc.hugetlb` (the user's choice), or PSEUDOSEG_HUGEPAGES=0. A notebook cannot
-re-execute its kernel: start it with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 in its environment.
+names `glibc.malloc.hugetlb` (the user's choice), PSEUDOSEG_HUGEPAGES=0, or a run that will not
+train on the CPU: a GPU or TPU device node is present (or JAX_PLATFORMS puts another platform
+first), and there the change to malloc would reach only TensorFlow's input pipeline and the host
+side, unmeasured. A notebook cannot re-execute its kernel: start it with
+GLIBC_TUNABLES=glibc.malloc.hugetlb=1 in its environment.
 """
 
 from __future__ import annotations
 
+import glob
 import os
 import platform
 import sys
@@ -29,6 +33,19 @@ TUNABLE = "glibc.malloc.hugetlb"
 OPT_OUT_VARIABLE = "PSEUDOSEG_HUGEPAGES"
 THP_SETTING_FILE = "/sys/kernel/mm/transparent_hugepage/enabled"
 FIRST_GLIBC_WITH_TUNABLE = (2, 35)
+# Device nodes of the accelerators JAX trains on: NVIDIA GPUs, AMD GPUs (ROCm), TPU v2-v4 and
+# TPU v5 and later (VFIO). Checked without importing JAX, which would claim the devices.
+ACCELERATOR_DEVICE_GLOBS = ("/dev/nvidia[0-9]*", "/dev/kfd", "/dev/accel[0-9]*", "/dev/vfio/[0-9]*")
+
+
+def trains_on_cpu(environ: Mapping[str, str],
+                  device_globs: tuple[str, ...] = ACCELERATOR_DEVICE_GLOBS) -> bool:
+  """Whether JAX will pick its CPU backend: JAX_PLATFORMS's first entry when it is set (JAX
+  prefers the platforms in the order given), else no accelerator device node on the host."""
+  platforms = [p.strip() for p in environ.get("JAX_PLATFORMS", "").split(",") if p.strip()]
+  if platforms:
+    return platforms[0] == "cpu"
+  return not any(glob.glob(pattern) for pattern in device_globs)
 
 
 def tunables_with_hugepages(environ: Mapping[str, str]) -> Optional[str]:
@@ -73,7 +90,8 @@ def reexec_with_hugepages() -> None:
   docstring); returns without doing anything otherwise. Call it first thing in a command-line
   entry point: whatever ran before is run again."""
   value = tunables_with_hugepages(os.environ)
-  if value is None or not glibc_supports_tunable() or not huge_pages_possible():
+  if (value is None or not trains_on_cpu(os.environ) or not glibc_supports_tunable()
+      or not huge_pages_possible()):
     return
   environ = dict(os.environ, GLIBC_TUNABLES=value)
   # sys.orig_argv is the interpreter's own command line (options, -m or -c included).

@@ -39,6 +39,17 @@ def test_transparent_huge_pages_switched_off_means_no_reexec(tmp_path):
   assert not hugepages.huge_pages_possible(str(tmp_path / "missing"))
 
 
+def test_only_a_run_that_trains_on_the_cpu_reexecutes(tmp_path):
+  nothing = (str(tmp_path / "nvidia[0-9]*"), str(tmp_path / "accel[0-9]*"))
+  assert hugepages.trains_on_cpu({}, nothing)
+  (tmp_path / "accel0").touch()  # A TPU v4 host's device node.
+  assert not hugepages.trains_on_cpu({}, nothing)
+  # JAX_PLATFORMS decides when set: its first platform is the one JAX picks.
+  assert hugepages.trains_on_cpu({"JAX_PLATFORMS": "cpu"}, nothing)
+  assert not hugepages.trains_on_cpu({"JAX_PLATFORMS": "cuda,cpu"}, ())
+  assert not hugepages.trains_on_cpu({"JAX_PLATFORMS": " tpu "}, ())
+
+
 def run_python(*args, **env):
   environ = {key: value for key, value in os.environ.items()
              if key not in ("GLIBC_TUNABLES", "PSEUDOSEG_HUGEPAGES")}
@@ -55,3 +66,5 @@ def test_a_command_reexecutes_itself_once_with_its_arguments():
   assert run_python("-c", PRINT_TUNABLES, GLIBC_TUNABLES="glibc.malloc.arena_max=2") == (
       "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1 []")
   assert run_python("-c", PRINT_TUNABLES, PSEUDOSEG_HUGEPAGES="0") == "<unset> []"
+  # A run JAX will put on an accelerator is not re-executed.
+  assert run_python("-c", PRINT_TUNABLES, JAX_PLATFORMS="tpu") == "<unset> []"
