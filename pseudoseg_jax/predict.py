@@ -36,7 +36,6 @@ failures and exits with status 1.
 from __future__ import annotations
 
 import dataclasses
-import glob
 import json
 import os
 import re
@@ -50,7 +49,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 from PIL import Image, ImageOps  # noqa: E402
 
-from pseudoseg_jax import inference, visualize  # noqa: E402
+from pseudoseg_jax import inference, paths, visualize  # noqa: E402
 from pseudoseg_jax.data import augment  # noqa: E402
 from pseudoseg_jax.writers import log  # noqa: E402
 
@@ -70,26 +69,31 @@ def is_image_name(path: str) -> bool:
 
 def expand_inputs(patterns: Sequence[str]) -> list[str]:
   """The image files named by files, folders and globs, in order, each once."""
-  paths, seen = [], set()
+  images, seen = [], set()
   for pattern in patterns:
-    if os.path.isdir(pattern):
-      found = sorted(os.path.join(pattern, name) for name in os.listdir(pattern)
-                     if is_image_name(name) and os.path.isfile(os.path.join(pattern, name)))
-    elif os.path.isfile(pattern):
+    if paths.isdir(pattern):
+      found = sorted(os.path.join(pattern, name) for name in paths.listdir(pattern)
+                     if is_image_name(name) and paths.isfile(os.path.join(pattern, name)))
+    elif paths.isfile(pattern):
       found = [pattern]  # Named explicitly: tried whatever its extension; PIL decides.
     elif any(char in pattern for char in "*?["):
-      found = sorted(path for path in glob.glob(pattern, recursive=True)
-                     if is_image_name(path) and os.path.isfile(path))
+      found = sorted(path for path in paths.glob(pattern)
+                     if is_image_name(path) and paths.isfile(path))
     else:
       raise FileNotFoundError(f"--input={pattern}: no such file or folder.")
     if not found:
       raise FileNotFoundError(f"--input={pattern} names no image "
                               f"({'/'.join(IMAGE_EXTENSIONS)}).")
     for path in found:
-      if os.path.realpath(path) not in seen:
-        seen.add(os.path.realpath(path))
-        paths.append(path)
-  return paths
+      if real_path(path) not in seen:
+        seen.add(real_path(path))
+        images.append(path)
+  return images
+
+
+def real_path(path: str) -> str:
+  """os.path.realpath of a local path (links resolved); a URL as it is."""
+  return path if paths.is_remote(path) else os.path.realpath(path)
 
 
 def safe_stem(path: str) -> str:
@@ -99,11 +103,11 @@ def safe_stem(path: str) -> str:
   return re.sub(r"[^A-Za-z0-9._-]+", "_", stem).lstrip(".")[:MAX_STEM_LENGTH] or "image"
 
 
-def unique_stems(paths: Sequence[str]) -> list[str]:
+def unique_stems(image_paths: Sequence[str]) -> list[str]:
   """safe_stem of each path; repeats get _2, _3, ... Compared case-insensitively, as macOS and
   Windows file systems compare names."""
   stems, taken = [], set()
-  for path in paths:
+  for path in image_paths:
     base = stem = safe_stem(path)
     suffix = 1
     while stem.casefold() in taken:
@@ -114,15 +118,15 @@ def unique_stems(paths: Sequence[str]) -> list[str]:
   return stems
 
 
-def check_output_dir(output: str, paths: Sequence[str]) -> None:
+def check_output_dir(output: str, images: Sequence[str]) -> None:
   """Refuses an --output that holds input images: the masks (PNG) and overlays (JPEG) would sit
   among the photos, could replace one of them, and would be read as inputs next time."""
-  if os.path.exists(output) and not os.path.isdir(output):
+  if paths.exists(output) and not paths.isdir(output):
     raise NotADirectoryError(f"--output={output} exists and is not a folder.")
-  output_real = os.path.realpath(output)
-  for path in paths:
-    folders = {os.path.realpath(os.path.dirname(os.path.abspath(path))),
-               os.path.dirname(os.path.realpath(path))}
+  output_real = real_path(paths.absolute(output))
+  for path in images:
+    folders = {real_path(os.path.dirname(paths.absolute(path))),
+               os.path.dirname(real_path(path))}
     if output_real in folders:
       raise ValueError(f"--output={output} holds the input {path}: choose another folder, so that "
                        "no input is overwritten and outputs are not mixed with the images.")
@@ -146,7 +150,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 def read_image(path: str) -> np.ndarray:
   """uint8 [H, W, 3] as the image is displayed (EXIF orientation applied). Raises READ_ERRORS."""
-  with Image.open(path) as image:
+  with Image.open(paths.readable(path)) as image:
     image.load()
     upright = ImageOps.exif_transpose(image)
     return np.asarray(to_rgb(upright), np.uint8)
@@ -181,10 +185,14 @@ def overlay(image: np.ndarray, mask: np.ndarray, num_classes: int,
 
 def write_atomically(folder: str, name: str, write) -> str:
   """write(file) into a temporary file of `folder`, then renamed to `name`: a reader never sees
-  half a file, and a symlink already at `name` is replaced rather than written through."""
+  half a file, and a symlink already at `name` is replaced rather than written through. (A URL:
+  uploaded in one piece, see paths.replace_file.)"""
   path = os.path.join(folder, name)
-  if os.path.dirname(os.path.abspath(path)) != os.path.abspath(folder):
+  if os.path.dirname(paths.absolute(path)) != paths.absolute(folder):
     raise ValueError(f"Refusing to write {name!r} outside {folder}.")
+  if paths.is_remote(path):
+    paths.replace_file(path, write, binary=True)
+    return path
   handle, temporary = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.splitext(name)[1])
   try:
     with os.fdopen(handle, "wb") as f:
@@ -222,26 +230,27 @@ def run(workdir: str, inputs: Sequence[str], output: str, *, checkpoint: str | N
         batch_size: int = 8, scales: Sequence[float] = (1.0,), flip: bool = False,
         window_stride: float = inference.DEFAULT_WINDOW_STRIDE) -> Report:
   """The command: inputs and --output checked before the model is restored."""
-  paths = expand_inputs(inputs)
-  check_output_dir(output, paths)
+  image_paths = expand_inputs(inputs)
+  check_output_dir(output, image_paths)
   model = inference.restore(workdir, checkpoint)
   scores_fn = inference.make_scores_fn(model, scales=scales, flip=flip, batch_size=batch_size)
-  return predict_files(model, scores_fn, paths, output, window_stride=window_stride)
+  return predict_files(model, scores_fn, image_paths, output, window_stride=window_stride)
 
 
-def predict_files(model: inference.TrainedModel, scores_fn, paths: Sequence[str], output: str, *,
+def predict_files(model: inference.TrainedModel, scores_fn, image_paths: Sequence[str],
+                  output: str, *,
                   window_stride: float = inference.DEFAULT_WINDOW_STRIDE) -> Report:
-  """Predicts `paths` into `output` with a compiled inference.make_scores_fn."""
-  check_output_dir(output, paths)
+  """Predicts `image_paths` into `output` with a compiled inference.make_scores_fn."""
+  check_output_dir(output, image_paths)
   if model.config.data.num_classes > 256:
     raise ValueError(f"{model.config.data.num_classes} classes do not fit a palette PNG (256).")
-  stems = unique_stems(paths)
-  os.makedirs(output, exist_ok=True)
+  stems = unique_stems(image_paths)
+  paths.makedirs(output)
   window = augment.as_height_width(model.config.eval_crop_size)
   report = Report(written=[], failed=[])
 
   def readable_images():
-    for path, stem in zip(paths, stems):
+    for path, stem in zip(image_paths, stems):
       try:
         image = read_image(path)
       except READ_ERRORS as error:
@@ -251,7 +260,7 @@ def predict_files(model: inference.TrainedModel, scores_fn, paths: Sequence[str]
         continue
       yield (path, stem, image), inference.normalize_image(image)
 
-  log.info("Predicting %d image(s) into %s (windows of %dx%d, %d per batch).", len(paths),
+  log.info("Predicting %d image(s) into %s (windows of %dx%d, %d per batch).", len(image_paths),
            output, window[0], window[1], scores_fn.batch_size)
   predictions = inference.predict_tiled(
       readable_images(), scores_fn, window=window,

@@ -11,13 +11,14 @@ import functools
 import json
 import os
 import signal
+import tempfile
 
 import jax
 import ml_collections
 import numpy as np
 
-from pseudoseg_jax import checkpointing, convert, distributed, evaluation, preemption, sharding
-from pseudoseg_jax import steps
+from pseudoseg_jax import checkpointing, convert, distributed, evaluation, paths, preemption
+from pseudoseg_jax import sharding, steps
 from pseudoseg_jax import visualize, writers
 from pseudoseg_jax import config as config_lib
 from pseudoseg_jax.data import datasets, pipeline
@@ -79,10 +80,10 @@ def check_workdir_matches(config: ml_collections.ConfigDict, workdir: str) -> No
   """A workdir belongs to one model trained on one dataset: resuming it with another would mix
   incompatible weights or data. Changes that only break bit-exact resumption are warned about."""
   path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.exists(path):
+  if not paths.exists(path):
     return
   try:
-    with open(path) as f:
+    with paths.open(path) as f:
       saved = json.load(f)
     if not isinstance(saved, dict):
       raise ValueError("not a JSON object")
@@ -109,8 +110,8 @@ def check_workdir_matches(config: ml_collections.ConfigDict, workdir: str) -> No
 
 
 def write_json(path: str, payload: dict) -> None:
-  """Write-then-rename, so a crash never leaves a truncated file behind."""
-  writers.replace_file(path, lambda f: json.dump(payload, f, indent=2))
+  """Written whole or not at all (paths.replace_file): a crash never leaves a truncated file."""
+  paths.replace_file(path, lambda f: json.dump(payload, f, indent=2))
 
 
 def evaluate(eval_fn, state: steps.TrainState, eval_batches, mesh) -> tuple[dict, np.ndarray]:
@@ -222,13 +223,25 @@ def concatenate_batches(*batches):
   return np.concatenate(batches)
 
 
+def read_init_weights(model_config: ml_collections.ConfigDict) -> dict:
+  """convert.read_weights of model_config.init_from; a gs:// (any URL) file is copied to a
+  temporary folder first, since the readers map or seek local files."""
+  path = model_config.init_from
+  if not paths.is_remote(path):
+    return convert.read_weights(path, model_config)
+  with tempfile.TemporaryDirectory(prefix="pseudoseg_init_from_") as folder:
+    prefix = path.removesuffix(".index")  # A TF checkpoint: its .index and .data-* come along.
+    return convert.read_weights(paths.local_copy(prefix, folder) + path[len(prefix):],
+                                model_config)
+
+
 def with_pretrained_backbone(state: steps.TrainState, tx,
                              model_config: ml_collections.ConfigDict) -> steps.TrainState:
   """A fresh state whose backbone holds the weights of model_config.init_from, all or nothing.
 
   Only at step 0: a resumed run has its own weights, and need not find the file again.
   """
-  weights = convert.read_weights(model_config.init_from, model_config)
+  weights = read_init_weights(model_config)
   params, batch_stats = convert.load_backbone(
       jax.device_get(state.params), jax.device_get(state.batch_stats), weights,
       source=model_config.init_from)
@@ -286,7 +299,7 @@ def write_learning_curves(workdir: str, config: ml_collections.ConfigDict) -> st
   """WORKDIR/learning_curves.png from metrics.jsonl, which holds the whole history after a
   resume too. Returns its path."""
   path = os.path.join(workdir, LEARNING_CURVES_FILE)
-  title = f"{config.method} on {config.data.name}: {os.path.basename(os.path.abspath(workdir))}"
+  title = f"{config.method} on {config.data.name}: {os.path.basename(paths.absolute(workdir))}"
   writers.write_png(path, visualize.learning_curves_image(writers.read_metrics(workdir), title))
   return path
 
@@ -294,7 +307,7 @@ def write_learning_curves(workdir: str, config: ml_collections.ConfigDict) -> st
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   config_lib.validate(config)
   config = with_resolved_normalization(config)
-  os.makedirs(workdir, exist_ok=True)
+  paths.makedirs(workdir)
   check_workdir_matches(config, workdir)
   is_writer = jax.process_index() == 0
 
@@ -403,14 +416,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # ---------------------------------------------------------------- results
   final_step = int(state.step)
   results_path = os.path.join(workdir, RESULTS_FILE)
-  if last_eval is None and os.path.exists(results_path):
-    with open(results_path) as f:
+  if last_eval is None and paths.exists(results_path):
+    with paths.open(results_path) as f:
       results = json.load(f)
     if results.get("step") == final_step:
       log.info("Already trained to step %d; results in %s.", final_step, results_path)
       writer.close()
       # A run finished before the curves existed gets them now.
-      if is_writer and not os.path.exists(os.path.join(workdir, LEARNING_CURVES_FILE)):
+      if is_writer and not paths.exists(os.path.join(workdir, LEARNING_CURVES_FILE)):
         log.info("Learning curves: %s.", write_learning_curves(workdir, config))
       return results
   if last_eval is None or last_eval[0] != final_step:

@@ -11,11 +11,12 @@ import json
 import logging
 import math
 import os
-import secrets
 import sys
 import time
 
 import numpy as np
+
+from pseudoseg_jax import paths
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
@@ -53,7 +54,7 @@ def _metric_records(path: str) -> list[tuple[str, dict]]:
   """(line, record) of each line of metrics.jsonl. A last line that is not JSON is the torn
   append of a process killed while writing it: dropped. Any other bad line is an error naming
   the file and line, since dropping it would lose history silently."""
-  with open(path) as f:
+  with paths.open(path) as f:
     lines = [line for line in f if line.strip()]
   records = []
   for number, line in enumerate(lines, start=1):
@@ -73,49 +74,27 @@ def _metric_records(path: str) -> list[tuple[str, dict]]:
 def truncate_metrics(workdir: str, last_step: int) -> None:
   """Drops lines logged after `last_step` (the restored checkpoint) so a resumed run's curves have
   no duplicate steps, and a torn last line. Written to a temporary file and renamed: the file is
-  never half-written."""
+  never half-written (on gs://, uploaded whole)."""
   path = os.path.join(workdir, METRICS_FILE)
-  if not os.path.exists(path):
+  if not paths.exists(path):
     return
   kept = [line for line, record in _metric_records(path) if record["step"] <= last_step]
-  replace_file(path, lambda f: f.writelines(kept))
+  paths.replace_file(path, lambda f: f.writelines(kept))
 
 
 def read_metrics(workdir: str) -> list[dict]:
   """metrics.jsonl's records in file order; [] before the first one is written."""
   path = os.path.join(workdir, METRICS_FILE)
-  if not os.path.exists(path):
+  if not paths.exists(path):
     return []
   return [record for _, record in _metric_records(path)]
 
 
 def write_png(path: str, image: np.ndarray) -> None:
-  """uint8 [H, W, 3] to a PNG, written then renamed so that a reader never sees half a file."""
+  """uint8 [H, W, 3] to a PNG that a reader never sees half-written (paths.replace_file)."""
   from PIL import Image
-  replace_file(path, lambda f: Image.fromarray(np.asarray(image, np.uint8)).save(f, format="PNG"),
-               binary=True)
-
-
-def replace_file(path: str, write, *, binary: bool = False) -> None:
-  """write(f) into a new file beside `path`, then renamed over it: a reader never sees half a file
-  (a crash or a full disk leaves the old one whole), and a link at `path` or at a guessable
-  temporary name is replaced, never written through. O_EXCL refuses anything already at the
-  temporary name; the umask sets the mode."""
-  folder = os.path.dirname(os.path.abspath(path))
-  while True:
-    temporary = os.path.join(folder, f".tmp-{secrets.token_hex(8)}-{os.path.basename(path)}")
-    try:
-      handle = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-      break
-    except FileExistsError:
-      continue
-  try:
-    with os.fdopen(handle, "wb" if binary else "w") as f:
-      write(f)
-    os.replace(temporary, path)
-  finally:
-    if os.path.lexists(temporary):
-      os.remove(temporary)
+  picture = Image.fromarray(np.asarray(image, np.uint8))
+  paths.replace_file(path, lambda f: picture.save(f, format="PNG"), binary=True)
 
 
 def read_tensorboard_images(workdir: str, name: str) -> list[tuple[int, np.ndarray]]:
@@ -156,8 +135,7 @@ class MetricWriter:
     if not self.enabled:
       return
     record = {"step": int(step), **{k: _jsonable(v) for k, v in metrics.items()}}
-    with open(self._path, "a") as f:
-      f.write(json.dumps(record) + "\n")
+    paths.append_text(self._path, json.dumps(record) + "\n")
     with self._summary_writer.as_default(step=int(step)):
       for name, value in record.items():
         if name != "step" and isinstance(value, (int, float)):

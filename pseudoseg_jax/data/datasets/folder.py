@@ -46,6 +46,7 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image
 
+from pseudoseg_jax import paths
 from pseudoseg_jax.data.datasets import label_files, subsets
 from pseudoseg_jax.writers import log
 
@@ -339,7 +340,7 @@ def largest_side(image_paths: Sequence[str]) -> tuple[int, str]:
   largest = (0, "")
   for path in image_paths:
     try:
-      with Image.open(path) as image:
+      with Image.open(paths.readable(path)) as image:
         side = max(image.size)
     except label_files.READ_ERRORS:
       continue  # Reported, naming the file, by the check before training.

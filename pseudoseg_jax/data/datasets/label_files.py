@@ -13,6 +13,7 @@ from typing import Callable, Iterable, Iterator, TypeVar
 import numpy as np
 from PIL import Image
 
+from pseudoseg_jax import paths
 from pseudoseg_jax.writers import log
 
 # PIL modes whose pixel values are the stored integers.
@@ -32,7 +33,7 @@ class BadExampleError(ValueError):
 def read_index_mask(path: str) -> np.ndarray:
   """uint8 or int32 [H, W] class indices of a 'P' or 'L' (or 16-bit) PNG."""
   try:
-    with Image.open(path) as mask:
+    with Image.open(paths.readable(path)) as mask:
       mode = mask.mode
       if mode not in INDEX_MODES:
         raise BadExampleError(
@@ -49,7 +50,7 @@ def read_index_mask(path: str) -> np.ndarray:
 def read_image_size(path: str) -> tuple[int, int]:
   """(height, width) of an image file, decoding it fully so that a truncated file is caught here."""
   try:
-    with Image.open(path) as image:
+    with Image.open(paths.readable(path)) as image:
       image.load()
       width, height = image.size
   except READ_ERRORS as error:

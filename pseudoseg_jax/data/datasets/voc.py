@@ -29,6 +29,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from pseudoseg_jax import paths
 from pseudoseg_jax.data.datasets import label_files, subsets
 
 CLASS_NAMES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat",
@@ -126,7 +127,7 @@ def read_sbd_mask(path: str) -> np.ndarray:
   inert object or record arrays, which the checks below refuse."""
   import scipy.io  # Only needed to prepare the dataset.
   try:
-    contents = scipy.io.loadmat(path, squeeze_me=True, struct_as_record=False)
+    contents = scipy.io.loadmat(paths.readable(path), squeeze_me=True, struct_as_record=False)
     segmentation = contents["GTcls"].Segmentation
   except (OSError, ValueError, KeyError, AttributeError, TypeError,
           NotImplementedError,  # A v7.3 (HDF5) .mat, which loadmat does not read.
