@@ -2,19 +2,20 @@
 
   python launch/tpu_pod.py --tpu=NAME --zone=ZONE [--project=P] --repo_url=URL [--ref=COMMIT] \
       [--setup] [--detach] [--env=KEY=VALUE ...] [--dry_run] -- \
-      --config=configs/voc_pseudoseg.py:split=92 --workdir=/mnt/shared/workdirs/voc_92 \
-      [--config.FIELD=VALUE ...]
+      --config=configs/voc_pseudoseg.py:split=92 --workdir=gs://BUCKET/workdirs/voc_92 \
+      --config.data.data_dir=gs://BUCKET/tensorflow_datasets [--config.FIELD=VALUE ...]
 
 --setup (the first time, or after changing --ref) clones or updates the checkout to --ref (default:
 this checkout's HEAD commit, so every worker runs the code you have; push it first) in --dir on
 every worker and installs it with JAX for TPUs in DIR/.venv. Then every worker runs
 `python -m pseudoseg_jax.main ARGS`; the processes find each other through the TPU metadata
 (pseudoseg_jax/distributed.py), and each reads its own shard of the data.
-The workdir and the data must be on storage every worker sees at the same path (Filestore NFS, or a
-bucket mounted with gcsfuse): orbax writes each checkpoint from all workers, and process 0 writes
-the metrics. Without --detach the output of all workers streams here and the run stops if this ssh
-session ends; --detach runs it under nohup with each worker's output in DIR/logs/RUN.log. Rerunning
-the command resumes from the last checkpoint (after a preemption too).
+The workdir and the data must be where every worker sees them at the same path: a gs:// bucket (read
+and written directly; the TPU VM's service account needs access to it), Filestore NFS or a mounted
+bucket. orbax writes each checkpoint from all workers, and process 0 writes the metrics. Without
+--detach the output of all workers streams here and the run stops if this ssh session ends; --detach
+runs it under nohup with each worker's output in DIR/logs/RUN.log. Rerunning the command resumes
+from the last checkpoint (after a preemption too).
 --dry_run prints the gcloud commands instead of running them.
 """
 
@@ -64,10 +65,6 @@ def check_train_args(train_args) -> None:
   missing = [flag for flag in ("--config", "--workdir") if flag not in named]
   if missing:
     raise SystemExit(f"The training command needs {' and '.join(missing)} (after --).")
-  for arg in train_args:
-    if arg.startswith("--workdir=gs://"):
-      raise SystemExit(f"{arg}: the workdir is written with ordinary file I/O; mount the bucket "
-                       "(gcsfuse) or use Filestore, at the same path on every worker.")
 
 
 def local_head() -> str:

@@ -132,14 +132,22 @@ def test_tpu_pod_detached_run_logs_on_each_worker():
       "> 'logs/voc 92.log' 2>&1 < /dev/null &")
 
 
-@pytest.mark.parametrize("train_args, message", [
-    (["--config=configs/demo.py"], "needs --workdir"),
-    (["--config=configs/demo.py", "--workdir=gs://bucket/w"], "mount the bucket"),
-])
-def test_tpu_pod_refuses_what_cannot_work(train_args, message):
+def test_tpu_pod_refuses_a_command_without_workdir():
   completed = run_tool(["launch/tpu_pod.py", "--tpu=pod", "--zone=z", "--dry_run", "--",
-                        *train_args])
-  assert completed.returncode != 0 and message in completed.stderr
+                        "--config=configs/demo.py"])
+  assert completed.returncode != 0 and "needs --workdir" in completed.stderr
+
+
+def test_tpu_pod_takes_a_gcs_workdir_and_data_dir():
+  train_args = ["--config=configs/demo.py", "--workdir=gs://bucket/workdirs/demo",
+                "--config.data.data_dir=gs://bucket/tensorflow_datasets"]
+  completed = run_tool(["launch/tpu_pod.py", "--tpu=pod", "--zone=z", "--detach", "--dry_run",
+                        "--", *train_args])
+  assert completed.returncode == 0, completed.stderr
+  (train,) = [shlex.split(line) for line in completed.stdout.splitlines()]
+  assert train[-1].removeprefix("--command=").split(" && ")[-1] == (
+      "nohup python -m pseudoseg_jax.main " + " ".join(train_args)
+      + " > logs/demo.log 2>&1 < /dev/null &")
 
 
 # ------------------------------------------------------------------------------ SLURM

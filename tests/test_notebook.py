@@ -65,3 +65,31 @@ def test_the_notebook_trains_the_demo_and_shows_its_pictures(tmp_path, monkeypat
     assert len(pictures(predictions)) == 4
     assert len(list((workdir / "predictions").glob("*_overlay.jpg"))) == 4
   assert (workdir / "learning_curves.png").is_file()
+
+
+def notebook_function(name):
+  """A function defined in the notebook's install cell, compiled on its own (the cell itself
+  clones and installs when run)."""
+  import ast
+  notebook = nbformat.read(NOTEBOOK, as_version=4)
+  (cell,) = [cell for cell in notebook.cells if cell.cell_type == "code"
+             and f"def {name}(" in cell.source]
+  (definition,) = [node for node in ast.parse(cell.source).body
+                   if isinstance(node, ast.FunctionDef) and node.name == name]
+  namespace = {}
+  exec("import re, urllib.parse\n" + ast.get_source_segment(cell.source, definition), namespace)
+  return namespace[name]
+
+
+def test_in_colab_the_notebook_clones_the_repository_it_was_opened_from():
+  repository_of = notebook_function("repository_of")
+  expected = ("https://github.com/someone/pseudoseg-jax.git", "main")
+  # The Jupyter session path Colab's kernel reports for a notebook opened from GitHub, and the
+  # address in the browser.
+  assert repository_of("fileId=https%3A%2F%2Fgithub.com%2Fsomeone%2Fpseudoseg-jax%2Fblob%2Fmain"
+                       "%2Flaunch%2Fcolab.ipynb") == expected
+  assert repository_of("https://colab.research.google.com/github/someone/pseudoseg-jax/blob/"
+                       "main/launch/colab.ipynb") == expected
+  assert repository_of("fileId=https://github.com/someone/pseudoseg-jax/blob/0123abc/launch/"
+                       "colab.ipynb") == ("https://github.com/someone/pseudoseg-jax.git", "0123abc")
+  assert repository_of("fileId=1AbCdEf_drive_id") is None and repository_of("") is None
