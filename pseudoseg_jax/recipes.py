@@ -28,8 +28,9 @@ def parse_fraction(name: str) -> float:
 
 def paper_recipe(config: ml_collections.ConfigDict) -> None:
   """SPEC 7: SGD momentum 0.9, lr 0.007 poly 0.9, weight decay 4e-5, crop 513, 64 + 64 images,
-  output stride 16, ASPP 6/12/18; ResNet-101 (the peers' backbone; the paper's Xception-65 is
-  not implemented yet)."""
+  output stride 16, ASPP 6/12/18; ResNet-101 (the peers' backbone). The paper's Xception-65 is
+  model.backbone=xception65 with model.init_from=xception65_imagenet (DeepLab's ImageNet
+  checkpoint)."""
   config.optimizer.name = "sgd"
   config.optimizer.learning_rate = 0.007
   config.optimizer.momentum = 0.9
