@@ -37,6 +37,7 @@ import jax
 from flax import nnx
 
 from pseudoseg_jax import sharding, steps, train
+from pseudoseg_jax.models import conv
 
 # UniMatch's FixMatch step (same DeepLabv3+ ResNet-50, OS 16, crop 321, 2 + 2, fp32), torch 2.13 on
 # 2 CPU threads: the figure, measured on the project's first 2-core machine (an Intel Xeon
@@ -78,6 +79,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   parser.add_argument("--peer_seconds", type=float, default=None,
                       help="The peer's median step timed on this machine, in the peer's setting "
                            "(default: the issue's 15.2 s, from another machine).")
+  parser.add_argument("--xla_convolutions", action="store_true",
+                      help="XLA's own convolutions, as on accelerators, instead of models/conv.py's "
+                           "CPU formulations (BENCHMARKS.md: when to delete them).")
   parser.add_argument("--breakdown", action="store_true",
                       help="Also time a training-mode forward and a supervised loss+gradient on "
                            "the labeled batch (two more compiles).")
@@ -150,6 +154,8 @@ def main(argv: Sequence[str] = ()) -> dict:
       output_stride=args.output_stride, method=args.method, num_classes=args.num_classes,
       head=args.head, optimizer=args.optimizer, overrides=args.overrides)
   mesh = common.make_mesh(args.devices)
+  if args.xla_convolutions:  # After make_mesh, which sets the mesh's platform.
+    conv.set_mesh_platform("xla")
   machine = common.machine()
   common.note(f"{args.method} step, {args.backbone} crop {args.crop}, {args.labeled} + "
               f"{args.unlabeled if args.method == 'pseudoseg' else 0} images, {args.dtype}, on "

@@ -14,6 +14,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from pseudoseg_jax.models import conv
+
 DATA_AXIS = "data"
 
 
@@ -23,6 +25,8 @@ def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
   global rows it loaded (its pseudo-label grid shows them next to the replicated outputs)."""
   devices = jax.devices() if devices is None else list(devices)
   devices = sorted(devices, key=lambda device: device.process_index)  # Stable: order within kept.
+  # The model's convolutions are traced for the devices they will run on (models/conv.py).
+  conv.set_mesh_platform(devices[0].platform)
   return Mesh(np.asarray(devices), (DATA_AXIS,))
 
 

@@ -171,3 +171,57 @@ def test_depthwise_cpu_form_equals_xla_forward_and_gradients(kernel_size, stride
   np.testing.assert_allclose(ours[0], xla[0], rtol=1e-4)
   for got, want in zip(ours[1], xla[1]):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def gradient_jaxpr(x, kernel, padding, dilation) -> str:
+  """A new function each call: JAX caches traces by function, and the platform is read when
+  tracing, so a function traced once keeps its formulation (set the platform before tracing)."""
+  loss = lambda x, k: jnp.sum(our_conv(x, k, 1, dilation, padding) ** 2)
+  return str(jax.make_jaxpr(jax.grad(loss, argnums=1))(x, kernel))
+
+
+def test_the_mesh_platform_decides_the_formulation_not_the_default_backend():
+  wide = conv.MIN_CHANNELS_FOR_TAPS
+  x, kernel = random_operands(3, (1, 9, 9), wide, wide)
+  padding = ((4, 4), (4, 4))
+  try:
+    conv.set_mesh_platform("tpu")  # Faked: the accelerators' path, traced on this CPU.
+    accelerator = gradient_jaxpr(x, kernel, padding, 4)
+    conv.set_mesh_platform("cpu")
+    cpu = gradient_jaxpr(x, kernel, padding, 4)
+  finally:
+    conv.set_mesh_platform(None)
+  # XLA's weight gradient is a convolution; the CPU's is a matrix product per tap.
+  assert accelerator.count("conv_general_dilated") == 2 and "dot_general" not in accelerator
+  assert "conv_general_dilated" not in cpu and cpu.count("dot_general") >= 9
+  # sharding.make_mesh records its devices' platform.
+  from pseudoseg_jax import sharding
+  try:
+    sharding.make_mesh()
+    assert conv._platform == jax.devices()[0].platform
+  finally:
+    conv.set_mesh_platform(None)
+
+
+@pytest.mark.parametrize("depthwise", [False, True])
+def test_xlas_own_path_equals_the_cpu_path_and_allows_forward_mode(depthwise):
+  channels = 6 if depthwise else conv.MIN_CHANNELS_FOR_TAPS
+  x = normal((2, 9, 9, channels), seed=5)
+  kernel = normal((3, 3, 1 if depthwise else channels, channels), seed=6)
+  numbers = jax.lax.conv_dimension_numbers(x.shape, kernel.shape, NHWC_HWIO)
+  def new_conv():  # A new function per path: see gradient_jaxpr.
+    return lambda x, k: conv.conv_general_dilated(
+        x, k, (1, 1), ((2, 2), (2, 2)), rhs_dilation=(2, 2), dimension_numbers=numbers,
+        feature_group_count=channels if depthwise else 1)
+  cpu_conv = new_conv()
+  cpu_path = cpu_conv(x, kernel)
+  with conv.xla_convolutions():
+    xla_conv = new_conv()
+    xla_path = xla_conv(x, kernel)
+    _, tangent = jax.jvp(xla_conv, (x, kernel), (jnp.ones_like(x), jnp.zeros_like(kernel)))
+  assert "conv_general_dilated" not in str(jax.make_jaxpr(cpu_conv)(x, kernel))
+  np.testing.assert_allclose(cpu_path, xla_path, rtol=1e-5, atol=1e-4)
+  # A convolution is linear in x: its directional derivative along ones is the conv of ones.
+  np.testing.assert_allclose(tangent, xla_conv(jnp.ones_like(x), kernel), rtol=1e-5, atol=1e-4)
+  with pytest.raises(TypeError, match="custom_vjp"):
+    jax.jvp(new_conv(), (x, kernel), (jnp.ones_like(x), jnp.zeros_like(kernel)))

@@ -22,14 +22,21 @@ convolutions (EfficientNet-Lite's) run as a sum of per-tap elementwise products
 (`depthwise_tap_sum`), forward and backward.
 
 GPUs and TPUs keep XLA's own convolution kernels (cuDNN's and the TPU's are already fast). The
-choice is made when the step is traced, from JAX's default backend: `jax.lax.platform_dependent`
-would defer it to lowering, but it traces both formulations, and the tiny demo's train step then took
-25 s to trace and 58 s to compile, against 10 s and 28 s. Everything else (grouped convolutions
-other than depthwise, input dilation, other layouts) goes to lax.conv_general_dilated.
+choice is made when the step is traced, from the platform of the devices the program runs on:
+sharding.make_mesh records its devices' (`set_mesh_platform`); without a mesh, JAX's default
+backend. `jax.lax.platform_dependent` would defer it to lowering, but it traces both formulations,
+and the tiny demo's train step then took 25 s to trace and 58 s to compile, against 10 s and 28 s.
+Everything else (grouped convolutions other than depthwise, input dilation, other layouts) goes to
+lax.conv_general_dilated.
+
+The CPU formulations have custom VJPs, which JAX cannot differentiate in forward mode: trace
+`jax.jvp` or `jax.jacfwd` inside `with xla_convolutions():`, which also runs the accelerators'
+path on a CPU (tests/test_conv.py checks both paths agree).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import jax
@@ -37,6 +44,31 @@ import jax.numpy as jnp
 
 # nnx.Conv's layout for 2-D inputs: NHWC activations, HWIO kernels.
 _NHWC_HWIO = ("NHWC", "HWIO", "NHWC")
+
+# The platform the program's devices are ('cpu', 'gpu', 'tpu', ...), set by sharding.make_mesh;
+# None follows jax.default_backend(). 'xla' forces XLA's own kernels (xla_convolutions).
+_platform: str | None = None
+
+
+def set_mesh_platform(platform: str | None) -> None:
+  """Trace convolutions for `platform` from now on (None: JAX's default backend)."""
+  global _platform
+  _platform = platform
+
+
+@contextlib.contextmanager
+def xla_convolutions():
+  """Within it, convolutions are traced as XLA's own on every platform (module docstring)."""
+  global _platform
+  saved, _platform = _platform, "xla"
+  try:
+    yield
+  finally:
+    _platform = saved
+
+
+def uses_cpu_formulations() -> bool:
+  return (_platform or jax.default_backend()) == "cpu"
 
 
 def _lax_conv(x, kernel, strides, padding, dilation):
@@ -276,7 +308,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
            and lhs.dtype == rhs.dtype and _is_nhwc_hwio(dimension_numbers))
   depthwise = (plain and feature_group_count == lhs.shape[3] == rhs.shape[3] > 1
                and rhs.shape[2] == 1)
-  if not plain or (feature_group_count != 1 and not depthwise) or jax.default_backend() != "cpu":
+  if not plain or (feature_group_count != 1 and not depthwise) or not uses_cpu_formulations():
     return lax_conv(lhs, rhs)
   strides = tuple(int(s) for s in window_strides)
   pads = tuple((int(lo), int(hi)) for lo, hi in padding)
