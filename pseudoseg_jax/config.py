@@ -89,7 +89,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.model.sgc_attention_dim = 128  # Key/query width of the SGC head (SPEC 3).
   config.model.aspp_dropout = 0.1  # TF keep_prob 0.9.
   config.model.cls_dropout = 0.5
-  config.model.bn_momentum = 0.9
+  config.model.bn_momentum = 0.9  # The backbone's (DeepLab: 0.9997 Xception, 0.95 ResNet).
   config.model.bn_epsilon = 1e-5
   # Batch-norm statistics in training: 0 = over the whole batch of each forward pass (synchronized
   # across devices under jit); G > 0 = over each group of G consecutive images ("ghost" BN), e.g. 4
@@ -99,6 +99,13 @@ def base_config() -> ml_collections.ConfigDict:
   # another value. The SGC head's norm groups the same way.
   config.model.bn_group_size = 0
   config.model.dtype = "float32"
+  # DeepLab's own heads (recipes.use_deeplab_xception_heads sets the original's values): its split
+  # separable 3x3 convs in the ASPP and decoder; the ASPP's and decoder's BN momentum (DeepLab:
+  # 0.9997 on every backbone); the classifier's init, 0 = variance scaling (ResNet's arg scope),
+  # > 0 = truncated normal of that stddev (Xception's: 0.09).
+  config.model.separable_heads = False
+  config.model.head_bn_momentum = 0.9
+  config.model.cls_init_stddev = 0.0
 
   config.optimizer = ml_collections.ConfigDict()
   config.optimizer.name = "sgd"  # SPEC 7 recipe. "adam" for from-scratch runs such as the demo.
@@ -107,6 +114,8 @@ def base_config() -> ml_collections.ConfigDict:
   config.optimizer.poly_power = 0.9
   config.optimizer.weight_decay = 4e-5
   config.optimizer.end_learning_rate = 0.0
+  # Learning-rate factor of conv and linear biases (not norm offsets); DeepLab's optimizer: 2.
+  config.optimizer.bias_lr_multiplier = 1.0
 
   # PseudoSeg (method='pseudoseg'); defaults are the authors' (SPEC 3-6). The switches reproduce the
   # paper's ablations.
@@ -186,6 +195,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.optimizer.name not in OPTIMIZERS:
     raise ValueError(
         f"config.optimizer.name must be one of {OPTIMIZERS}, got {config.optimizer.name!r}.")
+  if not config.optimizer.bias_lr_multiplier > 0:
+    raise ValueError("config.optimizer.bias_lr_multiplier must be > 0, got "
+                     f"{config.optimizer.bias_lr_multiplier}.")
   # The model section has one validator, next to the code that builds the model.
   from pseudoseg_jax.models import validate_model_config
   validate_model_config(config.model)
@@ -289,7 +301,7 @@ def min_crop_size(output_stride: int) -> int:
 # Fields that decide the structure of the train state (parameters and optimizer slots): a checkpoint
 # is only valid for the same values.
 MODEL_IDENTITY_FIELDS = ("model.backbone", "model.deep_stem", "model.resnet_variant",
-                         "model.aspp_channels",
+                         "model.aspp_channels", "model.separable_heads",
                          "model.decoder_channels", "model.low_level_channels",
                          "model.sgc_attention_dim", "data.num_classes", "optimizer.name",
                          "pseudoseg.teacher", "model.frozen_backbone_blocks")

@@ -47,6 +47,23 @@ def paper_recipe(config: ml_collections.ConfigDict) -> None:
   config.model.aspp_rates = (6, 12, 18)
 
 
+def use_deeplab_xception_heads(config: ml_collections.ConfigDict) -> None:
+  """The paper's Xception-65 DeepLabv3+ with the original's head and training details (wss paths).
+
+  Separable ASPP and decoder convs: common.py:71,96 default True, split at core/utils.py:61-107.
+  BN decay 0.9997: heads (core/model.py:458,703), xception_65 (core/feature_extractor.py:628).
+  Classifier init: xception_arg_scope's truncated normal 0.09 (core/xception.py:504-505, 928-931).
+  Biases at 2x the learning rate: utils/train_utils.py:252-254 via train_wss.py:1031-1035.
+  (core/ and utils/ under third_party/deeplab/, except core/model.py.)
+  """
+  config.model.backbone = "xception65"
+  config.model.separable_heads = True
+  config.model.bn_momentum = 0.9997
+  config.model.head_bn_momentum = 0.9997
+  config.model.cls_init_stddev = 0.09
+  config.optimizer.bias_lr_multiplier = 2.0
+
+
 def parse_split_seed(args: dict) -> int | None:
   """The config argument split_seed=N (a seeded draw instead of the published list), or None."""
   return int(args["split_seed"]) if args.get("split_seed", "") != "" else None

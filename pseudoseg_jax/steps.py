@@ -53,17 +53,49 @@ def init_model(config: ml_collections.ConfigDict, seed: int):
   return graphdef, params, batch_stats
 
 
+def _names(path) -> tuple[str, ...]:
+  return tuple(str(getattr(entry, "key", getattr(entry, "idx", entry))) for entry in path)
+
+
 def weight_decay_mask(params: dict) -> dict:
   """True for conv/linear kernels (DeepLab's L2 regularizer), False for biases and norm params.
 
-  The SGC head's projections are excluded as in the original (SPEC section 5), and so are
-  Xception's depthwise kernels, which DeepLab leaves unregularized.
+  The SGC head's projections are excluded as in the original (SPEC section 5), and so are the
+  depthwise kernels (names ending '_depthwise': Xception's and the separable heads'), which DeepLab
+  leaves unregularized (wss third_party/deeplab/core/utils.py:98, xception.py:922-925).
   """
   def is_decayed(path, _):
-    names = [str(getattr(entry, "key", entry)) for entry in path]
+    names = _names(path)
     is_depthwise = any(name.endswith("_depthwise") for name in names)
     return names[-1] == "kernel" and "sgc" not in names and not is_depthwise
   return jax.tree_util.tree_map_with_path(is_decayed, params)
+
+
+def layer_bias_mask(params: dict) -> dict:
+  """True for the biases of convs and linear layers (a 'bias' beside a 'kernel'), slim's 'biases';
+  False for everything else, norm offsets (slim's 'beta', here also named 'bias') included."""
+  paths = [_names(path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+  layers = {path[:-1] for path in paths if path[-1] == "kernel"}
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: _names(path)[-1] == "bias" and _names(path)[:-1] in layers, params)
+
+
+def with_scaled_bias_updates(tx: optax.GradientTransformation,
+                             multiplier: float) -> optax.GradientTransformation:
+  """`tx` with the updates of layer biases times `multiplier` (optimizer.bias_lr_multiplier).
+
+  DeepLab doubles the gradients of every variable named 'biases' before its momentum optimizer
+  (wss third_party/deeplab/utils/train_utils.py:252-254, applied at train_wss.py:1031-1035): for SGD
+  with momentum, linear in the gradient, that is the same as doubling their updates. Scaling the
+  update also makes the factor a learning-rate factor under Adam, and leaves the optimizer state
+  as it was, so a run may resume with another multiplier.
+  """
+  def update(updates, state, params=None):
+    updates, state = tx.update(updates, state, params)
+    scaled = jax.tree.map(lambda u, is_bias: u * multiplier if is_bias else u, updates,
+                          layer_bias_mask(updates))
+    return scaled, state
+  return optax.GradientTransformation(tx.init, update)
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict,
@@ -100,6 +132,8 @@ def make_optimizer(config: ml_collections.ConfigDict,
   # wd/2 * |w|^2 is wd * w.
   tx = optax.chain(
       optax.add_decayed_weights(config.optimizer.weight_decay, mask=weight_decay_mask), update)
+  if config.optimizer.get("bias_lr_multiplier", 1.0) != 1.0:
+    tx = with_scaled_bias_updates(tx, config.optimizer.bias_lr_multiplier)
   frozen = config.model.frozen_backbone_blocks
   if not frozen:
     return tx

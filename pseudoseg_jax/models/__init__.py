@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax.numpy as jnp
 from flax import nnx
 
@@ -24,6 +26,7 @@ EFFICIENTNET_BACKBONES = ("efficientnet_lite0",)
 BACKBONES = tuple(RESNET_SPECS) + XCEPTION_BACKBONES + EFFICIENTNET_BACKBONES
 RESNET_VARIANTS = ("torchvision", "keras")
 OUTPUT_STRIDES = (8, 16)
+HEAD_DEFAULTS = {"separable_heads": False, "head_bn_momentum": 0.9, "cls_init_stddev": 0.0}
 
 
 def _is_int(value) -> bool:
@@ -33,6 +36,11 @@ def _is_int(value) -> bool:
 def _require(condition: bool, field: str, requirement: str, value) -> None:
   if not condition:
     raise ValueError(f"model.{field} must be {requirement}, got {value!r}.")
+
+
+def head_fields(model_config) -> dict:
+  """DeepLab's head details: added later, so a model config without them keeps today's heads."""
+  return {field: model_config.get(field, default) for field, default in HEAD_DEFAULTS.items()}
 
 
 def validate_model_config(model_config) -> None:
@@ -76,6 +84,15 @@ def validate_model_config(model_config) -> None:
   _require(_is_int(frozen) and frozen >= 0, "frozen_backbone_blocks", "an int >= 0", frozen)
   _require(frozen == 0 or backbone in EFFICIENTNET_BACKBONES, "frozen_backbone_blocks",
            f"0 for {backbone} (only EfficientNet-Lite freezes blocks)", frozen)
+  heads = head_fields(model_config)
+  _require(isinstance(heads["separable_heads"], bool), "separable_heads", "a bool",
+           heads["separable_heads"])
+  _require(isinstance(heads["head_bn_momentum"], (int, float))
+           and 0 <= heads["head_bn_momentum"] <= 1, "head_bn_momentum",
+           "in [0, 1] (as model.bn_momentum)", heads["head_bn_momentum"])
+  _require(isinstance(heads["cls_init_stddev"], (int, float)) and heads["cls_init_stddev"] >= 0,
+           "cls_init_stddev", ">= 0 (0: variance scaling; > 0: truncated normal of that stddev)",
+           heads["cls_init_stddev"])
 
 
 def build_model(model_config, num_classes: int, *, rngs: nnx.Rngs) -> DeepLabV3Plus:
@@ -89,6 +106,7 @@ def build_model(model_config, num_classes: int, *, rngs: nnx.Rngs) -> DeepLabV3P
   norm = NormConfig(momentum=float(model_config.bn_momentum),
                     epsilon=float(model_config.bn_epsilon), group_size=model_config.bn_group_size)
   dtype = DTYPES[model_config.dtype]
+  heads = head_fields(model_config)
   if model_config.backbone in XCEPTION_BACKBONES:
     from pseudoseg_jax.models.xception import Xception65
     backbone = Xception65(output_stride=model_config.output_stride, norm=norm, dtype=dtype,
@@ -109,8 +127,9 @@ def build_model(model_config, num_classes: int, *, rngs: nnx.Rngs) -> DeepLabV3P
       low_level_channels=model_config.low_level_channels,
       sgc_attention_dim=model_config.sgc_attention_dim,
       aspp_dropout=float(model_config.aspp_dropout), cls_dropout=float(model_config.cls_dropout),
-      norm=norm, input_normalization=resolved_normalization(model_config), dtype=dtype,
-      rngs=rngs)
+      norm=norm, head_norm=dataclasses.replace(norm, momentum=float(heads["head_bn_momentum"])),
+      separable_heads=heads["separable_heads"], cls_init_stddev=float(heads["cls_init_stddev"]),
+      input_normalization=resolved_normalization(model_config), dtype=dtype, rngs=rngs)
 
 
 def feature_size(input_size: int, stride: int) -> int:

@@ -3,6 +3,9 @@
   backbone: stage4  -> ASPP -> upsample to stride 4 --+
             stride4 -> 1x1 projection (48) -----------+-> concat -> 2 x 3x3 conv -> 1x1 logits
             stage4  -> global average pool -> dropout -> linear (num_classes - 1): cls_logits
+  The 3x3 convs of the ASPP and the decoder are dense, or with `separable_heads` DeepLab's split
+  separable convs (`SeparableConvBN`): about 3.0 M ASPP and 0.17 M decoder parameters instead of
+  15.5 M and 1.3 M on Xception-65 / ResNet (2048-channel) features.
   SGCHead: parameters of self-attention Grad-CAM; the PseudoSeg loss applies them with
            pseudo_labels.sgc_logits to the features and CAMs it chooses (see steps.py)
 
@@ -19,26 +22,73 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from pseudoseg_jax.models import conv
 from pseudoseg_jax.models.normalization import from_signed_unit
 from pseudoseg_jax.models.resize import resize_bilinear
-from pseudoseg_jax.models.resnet import ConvBN, NormConfig, ResNet, conv2d
+from pseudoseg_jax.models.resnet import ConvBN, NormConfig, ResNet, batch_norm, conv2d
 
 # DeepLab initialises its logits layers with a small normal (stddev 0.01) so training starts near
 # uniform predictions.
 logits_init = nnx.initializers.normal(stddev=0.01)
 classifier_init = nnx.initializers.variance_scaling(2.0, "fan_in", "truncated_normal")
+# DeepLab's split_separable_conv2d (wss third_party/deeplab/core/utils.py:61-107): truncated normal
+# stddev 0.33 for the depthwise kernel (utils.py:66,96-97), 0.06 for the pointwise one
+# (utils.py:67,104-105); TF's truncated normal, like JAX's, redraws beyond 2 stddev, unrescaled.
+separable_depthwise_init = nnx.initializers.truncated_normal(stddev=0.33)
+separable_pointwise_init = nnx.initializers.truncated_normal(stddev=0.06)
+
+
+class SeparableConvBN(nnx.Module):
+  """DeepLab's split_separable_conv2d, its ASPP and decoder 3x3 conv (wss core/model.py:541-547,
+  861-873): a depthwise 3x3 conv (atrous `dilation`) + BN + ReLU, then a pointwise 1x1 conv + BN +
+  ReLU, no biases (slim drops them under a normalizer_fn, core/model.py:467-471, 727-731).
+
+  The depthwise kernel sits in `conv_depthwise`: steps.weight_decay_mask leaves names ending in
+  '_depthwise' unregularized, as DeepLab does (weights_regularizer=None, utils.py:98); the pointwise
+  kernel is decayed (utils.py:106).
+  """
+
+  def __init__(self, in_features: int, out_features: int, *, dilation: int = 1,
+               norm: NormConfig, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    layer = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    # 'SAME' for a stride-1 3x3 conv is the symmetric padding `dilation`.
+    self.conv_depthwise = nnx.Conv(
+        in_features, in_features, (3, 3), padding=((dilation, dilation), (dilation, dilation)),
+        kernel_dilation=dilation, feature_group_count=in_features, use_bias=False,
+        kernel_init=separable_depthwise_init, conv_general_dilated=conv.conv_general_dilated,
+        **layer)
+    self.bn_depthwise = batch_norm(in_features, norm, **layer)
+    self.conv_pointwise = conv2d(in_features, out_features, 1,
+                                 kernel_init=separable_pointwise_init, **layer)
+    self.bn_pointwise = batch_norm(out_features, norm, **layer)
+
+  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    use_running_average = not train
+    x = nnx.relu(self.bn_depthwise(self.conv_depthwise(x), use_running_average=use_running_average))
+    return nnx.relu(self.bn_pointwise(self.conv_pointwise(x),
+                                      use_running_average=use_running_average))
+
+
+def conv3x3_bn_relu(in_features: int, out_features: int, *, separable: bool, dilation: int = 1,
+                    **layer) -> ConvBN | SeparableConvBN:
+  """A head's 3x3 conv + BN + ReLU: dense, or DeepLab's split separable conv."""
+  if separable:
+    return SeparableConvBN(in_features, out_features, dilation=dilation, **layer)
+  return ConvBN(in_features, out_features, 3, dilation=dilation, **layer)
 
 
 class ASPP(nnx.Module):
   """Atrous spatial pyramid pooling: image pooling + 1x1 + atrous 3x3 branches, 1x1 projection."""
 
   def __init__(self, in_features: int, channels: int, rates: Sequence[int], *, dropout: float,
-               norm: NormConfig, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+               separable: bool = False, norm: NormConfig, dtype=None, param_dtype=jnp.float32,
+               rngs: nnx.Rngs):
     layer = dict(norm=norm, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.image_pooling = ConvBN(in_features, channels, 1, **layer)
     self.conv_1x1 = ConvBN(in_features, channels, 1, **layer)
-    self.atrous = nnx.List([ConvBN(in_features, channels, 3, dilation=rate, **layer)
-                            for rate in rates])
+    self.atrous = nnx.List([
+        conv3x3_bn_relu(in_features, channels, separable=separable, dilation=rate, **layer)
+        for rate in rates])
     self.projection = ConvBN((2 + len(rates)) * channels, channels, 1, **layer)
     self.dropout = nnx.Dropout(dropout)
 
@@ -56,12 +106,14 @@ class Decoder(nnx.Module):
   """DeepLabv3+ decoder: fuse the upsampled ASPP output with the projected stride-4 feature."""
 
   def __init__(self, aspp_features: int, low_level_in: int, *, low_level_channels: int,
-               channels: int, num_classes: int, norm: NormConfig, dtype=None,
-               param_dtype=jnp.float32, rngs: nnx.Rngs):
+               channels: int, num_classes: int, separable: bool = False, norm: NormConfig,
+               dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
     layer = dict(norm=norm, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.low_level_projection = ConvBN(low_level_in, low_level_channels, 1, **layer)
-    self.fuse = nnx.List([ConvBN(aspp_features + low_level_channels, channels, 3, **layer),
-                          ConvBN(channels, channels, 3, **layer)])
+    self.fuse = nnx.List([
+        conv3x3_bn_relu(aspp_features + low_level_channels, channels, separable=separable,
+                        **layer),
+        conv3x3_bn_relu(channels, channels, separable=separable, **layer)])
     self.logits = conv2d(channels, num_classes, 1, use_bias=True, kernel_init=logits_init,
                          dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
@@ -69,8 +121,8 @@ class Decoder(nnx.Module):
     low_level = self.low_level_projection(low_level, train=train)
     aspp_out = resize_bilinear(aspp_out, low_level.shape[1:3])
     x = jnp.concatenate([aspp_out, low_level], axis=-1)
-    for conv in self.fuse:
-      x = conv(x, train=train)
+    for layer in self.fuse:
+      x = layer(x, train=train)
     return self.logits(x)
 
 
@@ -78,13 +130,17 @@ class ClassificationHead(nnx.Module):
   """Image-level multi-label classifier: global average pool -> dropout -> linear, one output per
   foreground class (background excluded)."""
 
-  def __init__(self, in_features: int, num_outputs: int, *, dropout: float, dtype=None,
-               param_dtype=jnp.float32, rngs: nnx.Rngs):
+  def __init__(self, in_features: int, num_outputs: int, *, dropout: float,
+               init_stddev: float = 0.0, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
     self.dropout = nnx.Dropout(dropout)
-    # The original's head inherits the backbone's initializer (slim's variance_scaling_initializer:
-    # truncated normal, fan-in, scale 2), not the decoder's small logits init; its spread matters
-    # because the first image labels PseudoSeg predicts are sigmoid(cls_logits) >= 0.5.
-    self.linear = nnx.Linear(in_features, num_outputs, kernel_init=classifier_init, dtype=dtype,
+    # The original's head inherits the backbone's initializer, not the decoder's small logits init;
+    # its spread matters because the first image labels PseudoSeg predicts are
+    # sigmoid(cls_logits) >= 0.5. init_stddev 0: slim's variance_scaling_initializer (truncated
+    # normal, fan-in, scale 2), ResNet's arg scope; > 0: a truncated normal of that stddev,
+    # Xception's 0.09 (wss third_party/deeplab/core/xception.py:504-505 under 928-931).
+    kernel_init = (nnx.initializers.truncated_normal(stddev=init_stddev) if init_stddev > 0
+                   else classifier_init)
+    self.linear = nnx.Linear(in_features, num_outputs, kernel_init=kernel_init, dtype=dtype,
                              param_dtype=param_dtype, rngs=rngs)
 
   def __call__(self, features: jax.Array, *, train: bool, rngs: nnx.Rngs | None) -> jax.Array:
@@ -129,16 +185,21 @@ class DeepLabV3Plus(nnx.Module):
     'features':   the backbone's dict ('stride4', 'stage2', 'stage3', 'stage4'), compute dtype.
   train=True uses batch statistics (and updates the running ones) and dropout, which needs `rngs`;
   with norm.group_size G > 0 (model.bn_group_size) the statistics are per group of G consecutive
-  images, and G must divide the batch.
+  images, and G must divide the batch. `head_norm` (default `norm`) is the ASPP's and the decoder's:
+  DeepLab's heads use decay 0.9997 whatever the backbone (wss core/model.py:457-462, 702-707).
+  `separable_heads`: DeepLab's split separable 3x3 convs in the ASPP and decoder;
+  `cls_init_stddev`: see ClassificationHead.
   """
 
   def __init__(self, backbone: ResNet, num_classes: int, *, aspp_rates: Sequence[int],
                aspp_channels: int = 256, decoder_channels: int = 256,
                low_level_channels: int = 48, aspp_dropout: float = 0.1, cls_dropout: float = 0.5,
                sgc_attention_dim: int = 128, norm: NormConfig = NormConfig(),
-               input_normalization: str = "signed_unit", dtype=None,
-               param_dtype=jnp.float32, rngs: nnx.Rngs):
-    layer = dict(norm=norm, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+               head_norm: NormConfig | None = None, separable_heads: bool = False,
+               cls_init_stddev: float = 0.0, input_normalization: str = "signed_unit",
+               dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    layer = dict(norm=head_norm or norm, separable=separable_heads, dtype=dtype,
+                 param_dtype=param_dtype, rngs=rngs)
     self.input_normalization = input_normalization
     self.backbone = backbone
     self.aspp = ASPP(backbone.out_features["stage4"], aspp_channels, aspp_rates,
@@ -147,8 +208,8 @@ class DeepLabV3Plus(nnx.Module):
                            low_level_channels=low_level_channels, channels=decoder_channels,
                            num_classes=num_classes, **layer)
     self.cls_head = ClassificationHead(backbone.out_features["stage4"], num_classes - 1,
-                                       dropout=cls_dropout, dtype=dtype, param_dtype=param_dtype,
-                                       rngs=rngs)
+                                       dropout=cls_dropout, init_stddev=cls_init_stddev,
+                                       dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     # Hypercolumn of the last two stages, as the original's strides (15, 16).
     self.sgc = SGCHead(backbone.out_features["stage3"] + backbone.out_features["stage4"],
                        num_classes, attention_dim=sgc_attention_dim,
