@@ -36,8 +36,8 @@ setup(
     long_description=open("README.md").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["pseudoseg_jax", "pseudoseg_jax.*"]),
-    # The published split lists (pseudoseg_jax/data/split_lists/SOURCES.md).
-    package_data={"pseudoseg_jax.data.split_lists": ["*.md", "*/*.txt", "*/*/*.txt"]},
+    # The published split lists (pseudoseg_jax/splits/SOURCES.md).
+    package_data={"pseudoseg_jax.splits": ["*.md", "*/*.txt", "*/*/*.txt"]},
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
     extras_require={

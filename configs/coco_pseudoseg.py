@@ -4,7 +4,7 @@
       --workdir=workdirs/coco_1_512 --config.data.data_dir=/path/to/tfds
 
 Arguments after the colon: split=1_512|1_256|1_128|1_64|1_32 (default 1_512): the paper's published
-list of 232 / 463 / 925 / 1,849 / 3,697 train images (pseudoseg_jax/data/split_lists/coco);
+list of 232 / 463 / 925 / 1,849 / 3,697 train images (pseudoseg_jax/splits/coco);
 labeled_list=PATH (another list of ids, lines like train2017/000000177254); split_seed=N (a draw of
 ceil(fraction x 118,287) images with that seed instead of the list); method=pseudoseg (default) or supervised (the
 baseline: the same labeled images, no unlabeled stream); weak_labels=true (the unlabeled images
@@ -29,7 +29,7 @@ downloaded by name), so it is not directly comparable; the paper's network is
 
 from pseudoseg_jax import config as config_lib
 from pseudoseg_jax import recipes
-from pseudoseg_jax.data import split_lists
+from pseudoseg_jax import splits
 
 
 def get_config(arg: str | None = None):
@@ -54,7 +54,7 @@ def get_config(arg: str | None = None):
   labeled_list = args.get("labeled_list", "")
   drawn = not labeled_list and split_seed is not None
   config.data.labeled_list = labeled_list or (
-      "" if drawn else split_lists.published_list("coco", split))
+      "" if drawn else splits.published_list("coco", split))
   config.data.num_labeled = 0
   config.data.labeled_fraction = recipes.parse_fraction(split) if drawn else 0.0
   if drawn:

@@ -6,7 +6,7 @@
 
 Arguments after the colon: split=92|183|366|732|1464 (classic: N of the 1,464 train images;
 default 1464) or 1_16|1_8|1_4|1_2 (blended: that fraction of train_aug), labeled with the split's
-published list (pseudoseg_jax/data/split_lists: the paper's own 16_clean_3 / 8_clean / 4_clean for
+published list (pseudoseg_jax/splits: the paper's own 16_clean_3 / 8_clean / 4_clean for
 92 / 183 / 366, the peers' lists for the others); labeled_list=PATH (another list of ids);
 split_seed=N (a draw of the split's size with that seed instead of the list); weak_labels=true (the
 unlabeled train_aug images come with image-level labels); steps=N (default 30,000).

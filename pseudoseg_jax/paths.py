@@ -1,6 +1,7 @@
 """The one path layer: every file the project itself reads or writes (JSON, metrics.jsonl, PNGs,
-predict's inputs and outputs) goes through here, so a path may be local or any URL etils.epath
-understands (gs://, s3://, ...). Orbax, tf.summary, tf.data and TFDS take such URLs themselves.
+predict's inputs and outputs, images and masks it decodes, model.init_from) goes through here, so a
+path may be local or any URL etils.epath understands (gs://, s3://, ...). Orbax, tf.summary,
+tf.data and TFDS take such URLs themselves.
 
 Local paths keep the plain os calls (and their atomic rename); a URL goes through epath, whose
 gs:// backend is TensorFlow's GCS file system (or gcsfs where TensorFlow is absent).

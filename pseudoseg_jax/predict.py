@@ -31,6 +31,9 @@ and is renamed (a symlink at the destination is replaced, never followed), and D
 folder holding input images, so no input is ever overwritten. An image that cannot be read is
 reported by name and skipped; the others are still predicted, and the command then lists the
 failures and exits with status 1.
+
+Paths: --workdir, --input and --output may be gs:// (any URL etils.epath reads, through
+pseudoseg_jax/paths.py). A bucket has no rename: each output file is uploaded whole instead.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ import fractions
 import ml_collections
 
 from pseudoseg_jax import config as config_lib
-from pseudoseg_jax.data import split_lists
+from pseudoseg_jax import splits
 
 # VOC split names: a count of the 1,464 finely labeled images ("classic", the PseudoSeg paper's
 # protocol) or a fraction of the 10,582 train_aug images ("blended", the later peers' protocol).
@@ -74,7 +74,7 @@ def voc_data(config: ml_collections.ConfigDict, split: str, labeled_list: str = 
   """PASCAL VOC 2012 + SBD with the labeled images of `split` (module docstring).
 
   The labeled images are `labeled_list` if given, else a draw with `split_seed` if given, else the
-  published list of the split (data/split_lists: the paper's own for 92 / 183 / 366, the peers'
+  published list of the split (pseudoseg_jax/splits: the paper's own for 92 / 183 / 366, the peers'
   for the rest); split 1464 is all of train. Classic splits keep the labeled images in the
   unlabeled train_aug pool as the original does; blended splits leave them out of it as the
   PyTorch peers do.
@@ -88,7 +88,7 @@ def voc_data(config: ml_collections.ConfigDict, split: str, labeled_list: str = 
                      f"{', '.join(VOC_CLASSIC_SPLITS + VOC_BLENDED_SPLITS)}.")
   drawn = not labeled_list and split_seed is not None
   if not labeled_list and not drawn and split != "1464":
-    labeled_list = split_lists.published_list("voc", split)
+    labeled_list = splits.published_list("voc", split)
   config.data.labeled_list = labeled_list
   if drawn:
     config.data.split_seed = split_seed

@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from pseudoseg_jax import distributed, recipes
-from pseudoseg_jax.data import split_lists
+from pseudoseg_jax import splits
 from test_train import ROOT
 
 LAUNCH = os.path.join(ROOT, "launch")
@@ -48,7 +48,7 @@ def test_sweep_dry_run_prints_five_voc_splits_times_three_seeds():
   for command in commands[::3]:
     split = command[3].rpartition("split=")[2]
     config = voc_pseudoseg.get_config(f"split={split}")
-    expected = "" if split == "1464" else split_lists.published_list("voc", split)
+    expected = "" if split == "1464" else splits.published_list("voc", split)
     assert config.data.labeled_list == expected
 
 

@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 
 from pseudoseg_jax import recipes
-from pseudoseg_jax.data import split_lists
+from pseudoseg_jax import splits
 from pseudoseg_jax.data.datasets import subsets
 
 
@@ -22,24 +22,24 @@ def test_fraction_sizes_match_the_published_splits(pool, fraction, size):
 
 
 def read_shipped(file: str) -> list[str]:
-  return subsets.read_id_list(split_lists.path_of(file))
+  return subsets.read_id_list(splits.path_of(file))
 
 
-@pytest.mark.parametrize("key", sorted(split_lists.PUBLISHED))
+@pytest.mark.parametrize("key", sorted(splits.PUBLISHED))
 def test_every_shipped_list_holds_its_published_count_of_distinct_ids(key):
-  file, count = split_lists.PUBLISHED[key]
-  ids = subsets.read_id_list(split_lists.published_list(*key))
+  file, count = splits.PUBLISHED[key]
+  ids = subsets.read_id_list(splits.published_list(*key))
   assert len(ids) == len(set(ids)) == count, file
 
 
 def test_shipped_lists_parse_as_they_are_and_lie_in_their_pools():
-  train_aug = read_shipped(split_lists.VOC_TRAIN_AUG[0])
-  assert len(train_aug) == split_lists.VOC_TRAIN_AUG[1]
-  assert len(read_shipped(split_lists.VOC_VAL[0])) == split_lists.VOC_VAL[1]
+  train_aug = read_shipped(splits.VOC_TRAIN_AUG[0])
+  assert len(train_aug) == splits.VOC_TRAIN_AUG[1]
+  assert len(read_shipped(splits.VOC_VAL[0])) == splits.VOC_VAL[1]
   clean = read_shipped("pascal_voc/classic/1464.txt")
   assert all(len(i) == 11 and i[4] == "_" for i in clean)
   subsets.check_ids_exist(clean, train_aug, what="1464.txt", where="train_aug")
-  for (dataset, split), (file, _) in split_lists.PUBLISHED.items():
+  for (dataset, split), (file, _) in splits.PUBLISHED.items():
     ids = read_shipped(file)
     if dataset == "coco":
       assert all(i.isdigit() and len(i) == 12 for i in ids), file
@@ -55,7 +55,7 @@ def test_shipped_lists_parse_as_they_are_and_lie_in_their_pools():
 
 def test_an_unknown_published_split_is_refused_naming_the_known_ones():
   with pytest.raises(ValueError, match="No published voc list named '1_3'; known: 92, 183"):
-    split_lists.published_list("voc", "1_3")
+    splits.published_list("voc", "1_3")
 
 
 def test_id_from_line_formats():
