@@ -149,21 +149,26 @@ def download(url: str, destination: pathlib.Path, entry: NamedWeights) -> None:
 
 
 def unpacked(archive: pathlib.Path) -> pathlib.Path:
-  """The archive's folder beside it, unpacked once (refusing members that leave it)."""
+  """The archive's folder beside it, unpacked once. Only regular files are written, each to a path
+  checked to stay inside that folder; links and devices are refused by name."""
   folder = archive.with_name(archive.name.split(".")[0])
   done_marker = folder / ".unpacked"
   if done_marker.exists():
     return folder
+  root = folder.resolve()
   with tarfile.open(archive) as tar:
-    for member in tar.getmembers():
+    members = tar.getmembers()
+    for member in members:  # All checked before anything is written.
       target = (folder / member.name).resolve()
-      if not (target == folder.resolve() or folder.resolve() in target.parents) or \
-          not (member.isfile() or member.isdir()):
+      if not (target == root or root in target.parents) or not (member.isfile() or member.isdir()):
         raise ValueError(f"{archive}: refusing the archive member {member.name!r} (a link or "
                          f"outside the archive's folder).")
-    # Every member was checked above: plain files and folders inside; 'data' is the same rule
-    # where Python has it.
-    tar.extractall(folder, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
+    for member in filter(tarfile.TarInfo.isfile, members):
+      target = folder / member.name
+      target.parent.mkdir(parents=True, exist_ok=True)
+      with tar.extractfile(member) as source, open(target, "wb") as out:
+        for chunk in iter(lambda: source.read(CHUNK_BYTES), b""):
+          out.write(chunk)
   done_marker.touch()
   return folder
 
