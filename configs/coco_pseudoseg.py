@@ -6,7 +6,8 @@
 Arguments after the colon: split=1_512|1_256|1_128|1_64|1_32 (default 1_512): the paper's published
 list of 232 / 463 / 925 / 1,849 / 3,697 train images (pseudoseg_jax/splits/coco);
 labeled_list=PATH (another list of ids, lines like train2017/000000177254); split_seed=N (a draw of
-ceil(fraction x 118,287) images with that seed instead of the list); method=pseudoseg (default) or supervised (the
+ceil(fraction x 118,287) images with that seed instead of the list); backbone=xception65 (default)
+|resnet101|resnet50; method=pseudoseg (default) or supervised (the
 baseline: the same labeled images, no unlabeled stream); weak_labels=true (the unlabeled images
 come with image-level labels from their masks); steps=N (default 200,000).
 The unlabeled pool is the rest of train2017 (train minus the labeled images); evaluation is on the
@@ -15,16 +16,14 @@ Data: TFDS's coco/2017_panoptic, prepared beforehand from train2017.zip, val2017
 panoptic_annotations_trainval2017.zip (pseudoseg_jax/data/datasets/coco.py says how; nothing is
 downloaded). The first run then lists the train ids once (reads the 19 GB of records without
 decoding, some minutes) and caches the list next to the prepared data.
-Hardware: the original used 16 GPUs (4 labeled + 4 unlabeled images each, crop 513); the global
-batch of 64 + 64 is split over whatever devices JAX sees (lower config.batch_size and
-config.pseudoseg.unlabeled_batch_size together on fewer accelerators). Not yet timed here: no COCO
-data and no accelerator on the development machine; 200,000 steps are about 6.7x the VOC run.
-Expected: the paper's COCO numbers use DeepLabv3+ with Xception-65 from ImageNet weights, as
-listed by the UniMatch README (val mIoU, 1/512 / 1/256 / 1/128 / 1/64 / 1/32): supervised 22.9 /
-28.0 / 33.6 / 37.8 / 42.2, PseudoSeg 29.8 / 37.1 / 39.1 / 41.8 / 43.6. This config builds ResNet-101
-(the peers' backbone), from scratch unless model.init_from is set (e.g. resnet101_torchvision,
-downloaded by name), so it is not directly comparable; the paper's network is
---config.model.backbone=xception65 --config.model.init_from=xception65_imagenet.
+Hardware: as configs/voc_pseudoseg.py (its table of batch sizes and batch-norm groups for 1 GPU,
+8 GPUs, 16 GPUs and a TPU v4-32). Not yet timed here: no COCO data and no accelerator on the
+development machine; 200,000 steps are about 6.7x the VOC run.
+Expected, with backbone=xception65 (default: the paper's DeepLabv3+ from DeepLab's ImageNet
+checkpoint, downloaded by name), the paper's COCO numbers as listed by the UniMatch README (val
+mIoU, 1/512 / 1/256 / 1/128 / 1/64 / 1/32): supervised 22.9 / 28.0 / 33.6 / 37.8 / 42.2, PseudoSeg
+29.8 / 37.1 / 39.1 / 41.8 / 43.6. backbone=resnet101|resnet50 is the peers' network (torchvision's
+ImageNet weights), not directly comparable.
 """
 
 from pseudoseg_jax import config as config_lib
@@ -34,7 +33,8 @@ from pseudoseg_jax import splits
 
 def get_config(arg: str | None = None):
   args = config_lib.parse_args(
-      arg, known=("split", "labeled_list", "split_seed", "method", "weak_labels", "steps"),
+      arg, known=("split", "labeled_list", "split_seed", "backbone", "method", "weak_labels",
+                  "steps"),
       source="coco_pseudoseg.py")
   split = args.get("split", "1_512")
   if split not in recipes.COCO_SPLITS:
@@ -42,7 +42,7 @@ def get_config(arg: str | None = None):
   config = config_lib.base_config()
   config.method = args.get("method", "pseudoseg")
   config.total_steps = int(args.get("steps", 200_000))
-  recipes.paper_recipe(config)
+  recipes.paper_recipe(config, args.get("backbone", "xception65"))
   config.eval_crop_size = 641  # SPEC 8: COCO images are up to 640 px a side.
 
   config.data.name = "coco"

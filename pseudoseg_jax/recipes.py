@@ -26,11 +26,14 @@ def parse_fraction(name: str) -> float:
   return float(fractions.Fraction(int(numerator), int(denominator)))
 
 
-def paper_recipe(config: ml_collections.ConfigDict) -> None:
+# backbone=NAME config argument -> what it sets: the paper's network, or the peers' ResNets, each
+# with its ImageNet weights by name (convert/named_weights.py).
+PAPER_BACKBONES = ("xception65", "resnet101", "resnet50")
+
+
+def paper_recipe(config: ml_collections.ConfigDict, backbone: str = "xception65") -> None:
   """SPEC 7: SGD momentum 0.9, lr 0.007 poly 0.9, weight decay 4e-5, crop 513, 64 + 64 images,
-  output stride 16, ASPP 6/12/18; ResNet-101 (the peers' backbone). The paper's Xception-65 is
-  model.backbone=xception65 with model.init_from=xception65_imagenet (DeepLab's ImageNet
-  checkpoint)."""
+  output stride 16, ASPP 6/12/18, on `backbone` with its ImageNet weights (use_paper_backbone)."""
   config.optimizer.name = "sgd"
   config.optimizer.learning_rate = 0.007
   config.optimizer.momentum = 0.9
@@ -42,9 +45,23 @@ def paper_recipe(config: ml_collections.ConfigDict) -> None:
   config.batch_size = 64
   config.pseudoseg.unlabeled_batch_size = 64
   config.pseudoseg.cutout_size = 100
-  config.model.backbone = "resnet101"
   config.model.output_stride = 16
   config.model.aspp_rates = (6, 12, 18)
+  use_paper_backbone(config, backbone)
+
+
+def use_paper_backbone(config: ml_collections.ConfigDict, backbone: str) -> None:
+  """xception65: the paper's DeepLabv3+ (use_deeplab_xception_heads) from DeepLab's ImageNet
+  checkpoint; resnet101 / resnet50: the PyTorch peers' setting (dense heads), from torchvision's
+  ImageNet weights. --config.model.init_from= (empty) trains the backbone from scratch instead."""
+  if backbone not in PAPER_BACKBONES:
+    raise ValueError(f"backbone={backbone!r}: one of {', '.join(PAPER_BACKBONES)}.")
+  if backbone == "xception65":
+    use_deeplab_xception_heads(config)
+    config.model.init_from = "xception65_imagenet"
+  else:
+    config.model.backbone = backbone
+    config.model.init_from = f"{backbone}_torchvision"
 
 
 def use_deeplab_xception_heads(config: ml_collections.ConfigDict) -> None:
@@ -104,7 +121,7 @@ def voc_config(method: str, args: dict) -> ml_collections.ConfigDict:
   config = config_lib.base_config()
   config.method = method
   config.total_steps = int(args.get("steps", 30_000))
-  paper_recipe(config)
+  paper_recipe(config, args.get("backbone", "xception65"))
   voc_data(config, args.get("split", "1464"), args.get("labeled_list", ""),
            parse_split_seed(args))
   config.pseudoseg.weak_labels = config_lib.parse_bool(args.get("weak_labels", "false"),

@@ -12,9 +12,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from flax import nnx
+
 from pseudoseg_jax import convert
 from pseudoseg_jax.config import base_config
 from pseudoseg_jax.convert import named_weights
+from pseudoseg_jax.models import build_model
 
 from test_xception import NON_BACKBONE_SHAPES, deeplab_backbone_shapes, random_tensor
 
@@ -191,19 +194,22 @@ def test_an_archive_member_outside_its_folder_is_refused(server, monkeypatch):
   assert not (cached.parent.parent / "escaped.index").exists()
 
 
-def test_xception_by_name_loads_every_backbone_tensor_from_the_served_archive(
-    server, monkeypatch, tmp_path):
+@pytest.fixture(scope="module")
+def xception_archive(tmp_path_factory) -> bytes:
   """DeepLab's xception_65 archive layout (a folder with model.ckpt.*), random weights."""
   rng = np.random.default_rng(0)
   shapes = {**deeplab_backbone_shapes(), **NON_BACKBONE_SHAPES}
   variables = {name: tf.Variable(random_tensor(rng, name, shape)) for name, shape in shapes.items()}
+  folder = tmp_path_factory.mktemp("xception")
   prefix = tf.compat.v1.train.Saver(var_list=variables).save(
-      None, str(tmp_path / "xception" / "model.ckpt"), write_meta_graph=False)
-  members = {f"xception/{path.name}": path.read_bytes()
-             for path in pathlib.Path(prefix).parent.glob("model.ckpt*")}
-  archive = tar_gz(members)
-  published = named_weights.NAMED["xception65_imagenet"]
-  server.files[published.file_name] = archive
+      None, str(folder / "xception" / "model.ckpt"), write_meta_graph=False)
+  return tar_gz({f"xception/{path.name}": path.read_bytes()
+                 for path in pathlib.Path(prefix).parent.glob("model.ckpt*")})
+
+
+def test_xception_by_name_loads_every_backbone_tensor_from_the_served_archive(
+    server, xception_archive):
+  server.files[named_weights.NAMED["xception65_imagenet"].file_name] = xception_archive
   model = base_config().model
   model.backbone = "xception65"
   weights = convert.read_weights("xception65_imagenet", model)
@@ -211,3 +217,24 @@ def test_xception_by_name_loads_every_backbone_tensor_from_the_served_archive(
   assert server.requests == 1
   convert.read_weights("xception65_imagenet", model)  # Unpacked once, then read from the cache.
   assert server.requests == 1
+
+
+def test_the_paper_config_loads_xceptions_weights_by_name_and_labels_the_published_92(
+    server, xception_archive):
+  """configs/voc_pseudoseg.py:split=92 as it is: the paper's network, DeepLab's ImageNet weights
+  fetched by name (here from 127.0.0.1) into every backbone tensor, the paper's 92 ids."""
+  from configs import voc_pseudoseg
+  from pseudoseg_jax.data.datasets import subsets
+  config = voc_pseudoseg.get_config("split=92")
+  config.model.update(aspp_channels=16, decoder_channels=16, low_level_channels=8,
+                      sgc_attention_dim=8)  # Small heads: the backbone is what is checked.
+  server.files[named_weights.NAMED["xception65_imagenet"].file_name] = xception_archive
+  weights = convert.read_weights(config.model.init_from, config.model)
+  model = nnx.eval_shape(lambda: build_model(config.model, config.data.num_classes,
+                                             rngs=nnx.Rngs(0)))
+  _, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+  shapes = convert.expected_shapes(nnx.to_pure_dict(params)["backbone"],
+                                   nnx.to_pure_dict(stats)["backbone"])
+  assert convert.mapping_errors(weights, shapes) == [] and len(weights) == 660
+  ids = subsets.read_id_list(config.data.labeled_list)
+  assert len(ids) == 92 and ids[:2] == ["2007_000733", "2010_004493"]  # 16_clean_3.txt's first.

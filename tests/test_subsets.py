@@ -137,3 +137,16 @@ def test_the_voc_configs_take_split_seed_as_an_argument():
     assert os.path.basename(module.get_config("split=366").data.labeled_list) == "4_clean.txt"
     drawn = module.get_config("split=366,split_seed=7").data
     assert (drawn.labeled_list, drawn.num_labeled, drawn.split_seed) == ("", 366, 7)
+
+
+def test_the_paper_configs_default_to_xception_with_its_weights_and_take_the_peers_resnets():
+  from configs import coco_pseudoseg, coco_voc_pseudoseg, voc_pseudoseg, voc_supervised
+  for module in (voc_pseudoseg, voc_supervised, coco_pseudoseg, coco_voc_pseudoseg):
+    model = module.get_config("").model
+    assert (model.backbone, model.init_from, model.separable_heads) == (
+        "xception65", "xception65_imagenet", True)
+    peers = module.get_config("backbone=resnet101")
+    assert (peers.model.backbone, peers.model.init_from, peers.model.separable_heads,
+            peers.optimizer.bias_lr_multiplier) == ("resnet101", "resnet101_torchvision", False, 1.0)
+    with pytest.raises(ValueError, match="backbone='vgg16': one of xception65, resnet101"):
+      module.get_config("backbone=vgg16")
