@@ -256,11 +256,13 @@ def test_pseudoseg_trains_on_voc_with_image_level_labels(voc_builder, tmp_path):
   from configs import voc_pseudoseg
   from pseudoseg_jax import train
 
-  config = voc_pseudoseg.get_config("split=92,weak_labels=true,steps=2")
+  # A seeded draw: the tree holds 5 train images, not the published 92. The paper's heads stay
+  # (separable convs, BN decay, bias lr) on a tiny backbone trained from scratch.
+  config = voc_pseudoseg.get_config("split=92,split_seed=0,weak_labels=true,steps=2")
   config.data.data_dir = _data_dir(voc_builder)
-  config.data.num_labeled = 3  # Of the 5 train images of the tree.
+  config.data.num_labeled = 3
   config.update_from_flattened_dict({
-      "batch_size": 4, "pseudoseg.unlabeled_batch_size": 4, "pseudoseg.fusion_group_size": 2,
+      "model.init_from": "", "batch_size": 4, "pseudoseg.unlabeled_batch_size": 4, "pseudoseg.fusion_group_size": 2,
       "crop_size": 33, "eval_batch_size": 4, "pseudoseg.cutout_size": 8,
       "model.backbone": "resnet_tiny", "model.aspp_channels": 8, "model.decoder_channels": 8,
       "model.low_level_channels": 8, "model.sgc_attention_dim": 8, "data.shuffle_buffer": 4,
