@@ -7,9 +7,10 @@ weak_labels=false (default: all 2,000 train images form the unlabeled pool) or t
 with image-level labels), num_labeled=N (labeled images taken from the 2,000-image train pool; default 100),
 steps=N (default 1,000).
 Hardware: a laptop CPU; the dataset is generated locally on first use (about 15 s).
-Time and result (README.md, "The demo"; 2 CPU cores, alone on the machine): 8.2 min for the whole
-README command 1 in a new clone (install 75 s, training 416 s at 2.65-2.95 steps/s), val mIoU about
-0.145 (seed 0; read it to +-0.02, float rounding moves a run this short). At this budget, from
+Time and result (README.md, "The demo"; 2 CPU cores, alone on the machine, 2026-12-05): 10.8 min
+for the whole README command 1 in a new clone (install 1.8 min; training command 9.0 min with the
+dataset generated, 2.1-2.6 steps/s), val mIoU 0.149 (seed 0; read it to +-0.02, float rounding
+moves a run this short). At this budget, from
 scratch, PseudoSeg does NOT beat supervised training: benchmarks/pseudoseg_vs_supervised.py measured
 19.5 +- 1.3 % supervised against 15.0 +- 0.1 % PseudoSeg over 3 seeds, and every train image labeled
 does no better, so the model is limited by compute, not labels. The demo shows the method running end
