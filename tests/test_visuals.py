@@ -68,11 +68,25 @@ def test_finite_series_skips_steps_that_did_not_log_the_metric_or_logged_nan_or_
   assert visualize._finite_series(records, "train/loss") == ([1, 5], [2.0, 1])
 
 
-@pytest.mark.parametrize("records", [pseudoseg_records(), [{"step": 1, "train/loss": 2.0}], []],
-                         ids=["pseudoseg", "no_eval_yet", "empty"])
-def test_learning_curves_image_draws_whatever_was_logged(records):
+def pixels_of_colour(image: np.ndarray, rgb: tuple[int, int, int]) -> int:
+  return int(np.sum(np.abs(image.astype(int) - np.array(rgb)).max(axis=-1) <= 12))
+
+
+# matplotlib's first line colour (tab:blue, the total loss) and the mIoU curve's (tab:green).
+TAB_BLUE, TAB_GREEN = (31, 119, 180), (44, 160, 44)
+
+
+@pytest.mark.parametrize("records, loss_drawn, miou_drawn", [
+    (pseudoseg_records(), True, True), ([{"step": 1, "train/loss": 2.0}], True, False),
+    ([], False, False)], ids=["pseudoseg", "no_eval_yet", "empty"])
+def test_learning_curves_image_draws_whatever_was_logged(records, loss_drawn, miou_drawn):
   image = visualize.learning_curves_image(records, title="demo")
   assert image.dtype == np.uint8 and image.shape == (450, 1200, 3)
+  loss_panel, miou_panel = image[:, :600], image[:, 600:]
+  # The total loss is drawn in the left panel, the mIoU curve in the right one, which holds no loss.
+  assert (pixels_of_colour(loss_panel, TAB_BLUE) > 50) == loss_drawn
+  assert (pixels_of_colour(miou_panel, TAB_GREEN) > 50) == miou_drawn
+  assert pixels_of_colour(miou_panel, TAB_BLUE) == 0
 
 
 def test_metrics_and_png_round_trip(tmp_path):
