@@ -88,13 +88,12 @@ def test_train_step_benchmark_reports_the_step_against_the_peak(capsys):
   assert result["batch"]["mask"] == "int32[2,33,33]"
   assert len(result["step_seconds"]) == 2
   assert 0 < result["min_step_seconds"] <= result["median_step_seconds"]
-  assert result["images_per_s"] == pytest.approx(2 / result["median_step_seconds"])
+  # Known answers, not the benchmark's own arithmetic again: XLA's count for a 128^3 matmul, and
+  # the derived rates present and positive.
   assert result["xla_flops_per_step"] > 1e7
-  assert result["achieved_flops_per_s"] == pytest.approx(
-      result["xla_flops_per_step"] / result["median_step_seconds"])
   assert result["matmul_runs"][0]["xla_flops"] == 2 * 128**3
-  assert result["fraction_of_matmul_peak"] == pytest.approx(
-      result["achieved_flops_per_s"] / result["matmul_peak_flops_per_s"])
+  for derived in ("images_per_s", "achieved_flops_per_s", "fraction_of_matmul_peak"):
+    assert result[derived] > 0, derived
   assert result["compile_seconds"] > 0 and result["lower_seconds"] > 0
   assert result["max_rss_bytes"] > 1e8 and result["xla_total_bytes"] > 0
   assert np.isfinite(result["final_loss"])
