@@ -323,7 +323,6 @@ def machine() -> dict:
 
 
 def shared_data_dir() -> str:
-  """The workplace's genuine samples: $PSEUDOSEG_SHARED_DATA, else ../shared/data next to the
-  repository (the tests' rule, tests/conftest.py)."""
-  return os.environ.get("PSEUDOSEG_SHARED_DATA",
-                        os.path.join(os.path.dirname(REPO), "shared", "data"))
+  """Genuine sample photos: $PSEUDOSEG_SHARED_DATA, else the repository's own tests/data (the
+  3 VOC photos the tests use; sources in tests/data/SOURCES.md)."""
+  return os.environ.get("PSEUDOSEG_SHARED_DATA", os.path.join(REPO, "tests", "data"))

