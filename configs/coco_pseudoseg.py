@@ -28,7 +28,6 @@ ImageNet weights), not directly comparable.
 
 from pseudoseg_jax import config as config_lib
 from pseudoseg_jax import recipes
-from pseudoseg_jax import splits
 
 
 def get_config(arg: str | None = None):
@@ -50,15 +49,10 @@ def get_config(arg: str | None = None):
   config.data.train_split = "train"
   config.data.eval_split = "validation"
   config.data.unlabeled_split = "train"
-  split_seed = recipes.parse_split_seed(args)
-  labeled_list = args.get("labeled_list", "")
-  drawn = not labeled_list and split_seed is not None
-  config.data.labeled_list = labeled_list or (
-      "" if drawn else splits.published_list("coco", split))
+  drawn = recipes.choose_labeled(config.data, "coco", split, args.get("labeled_list", ""),
+                                 recipes.parse_split_seed(args))
   config.data.num_labeled = 0
   config.data.labeled_fraction = recipes.parse_fraction(split) if drawn else 0.0
-  if drawn:
-    config.data.split_seed = split_seed
   # The labeled images are a sliver of train: the pool is the rest, as the peers use it.
   config.data.unlabeled_includes_labeled = False
   config.pseudoseg.weak_labels = config_lib.parse_bool(args.get("weak_labels", "false"),

@@ -86,6 +86,20 @@ def parse_split_seed(args: dict) -> int | None:
   return int(args["split_seed"]) if args.get("split_seed", "") != "" else None
 
 
+def choose_labeled(data: ml_collections.ConfigDict, dataset: str, split: str, labeled_list: str,
+                   split_seed: int | None) -> bool:
+  """Sets data.labeled_list (and data.split_seed for a draw): `labeled_list` if given, else a draw
+  with `split_seed` if given, else the split's published list (none for VOC's 1464, all of
+  train). Returns whether the labeled images are drawn (the caller sets the draw's size)."""
+  drawn = not labeled_list and split_seed is not None
+  if not labeled_list and not drawn and split != "1464":
+    labeled_list = splits.published_list(dataset, split)
+  data.labeled_list = labeled_list
+  if drawn:
+    data.split_seed = split_seed
+  return drawn
+
+
 def voc_data(config: ml_collections.ConfigDict, split: str, labeled_list: str = "",
              split_seed: int | None = None) -> None:
   """PASCAL VOC 2012 + SBD with the labeled images of `split` (module docstring).
@@ -103,12 +117,7 @@ def voc_data(config: ml_collections.ConfigDict, split: str, labeled_list: str = 
   if split not in VOC_CLASSIC_SPLITS + VOC_BLENDED_SPLITS:
     raise ValueError(f"Unknown VOC split {split!r}; known: "
                      f"{', '.join(VOC_CLASSIC_SPLITS + VOC_BLENDED_SPLITS)}.")
-  drawn = not labeled_list and split_seed is not None
-  if not labeled_list and not drawn and split != "1464":
-    labeled_list = splits.published_list("voc", split)
-  config.data.labeled_list = labeled_list
-  if drawn:
-    config.data.split_seed = split_seed
+  drawn = choose_labeled(config.data, "voc", split, labeled_list, split_seed)
   classic = split in VOC_CLASSIC_SPLITS
   config.data.train_split = "train" if classic else "train_aug"
   config.data.num_labeled = int(split) if drawn and classic and split != "1464" else 0
