@@ -149,6 +149,11 @@ def base_config() -> ml_collections.ConfigDict:
   # batch's pseudo labels, at least this fraction of its most confident pixels counts even below
   # confidence_threshold. 0 = one threshold for all classes.
   config.pseudoseg.class_balanced_fraction = 0.0
+  # True: the teacher's probabilities are scaled per class by the labeled masks' class frequency
+  # over its own (pseudo_labels.align_distribution, ReMixMatch's distribution alignment), both
+  # running averages with this momentum, so that rare labeled classes stay in the pseudo labels.
+  config.pseudoseg.distribution_alignment = False
+  config.pseudoseg.distribution_alignment_momentum = 0.99
   # With weak_labels: the pseudo labels keep only the classes the image-level labels name
   # (pseudo_labels.restrict_to_present_classes). False = the original (only the CAM uses them).
   config.pseudoseg.restrict_to_image_labels = False
@@ -263,7 +268,8 @@ def _validate_pseudoseg(section: ml_collections.ConfigDict) -> None:
                      f"{section.consistency_rampup_steps}.")
   if section.teacher not in TEACHERS:
     raise ValueError(f"config.pseudoseg.teacher must be one of {TEACHERS}, got {section.teacher!r}.")
-  for field in ("ema_decay", "cutmix_probability", "class_balanced_fraction"):
+  for field in ("ema_decay", "cutmix_probability", "class_balanced_fraction",
+                "distribution_alignment_momentum"):
     if not 0 <= section[field] <= 1:
       raise ValueError(f"config.pseudoseg.{field} must be in [0, 1], got {section[field]}.")
   if section.cutout_size < 0:
@@ -304,7 +310,8 @@ MODEL_IDENTITY_FIELDS = ("model.backbone", "model.deep_stem", "model.resnet_vari
                          "model.aspp_channels", "model.separable_heads",
                          "model.decoder_channels", "model.low_level_channels",
                          "model.sgc_attention_dim", "data.num_classes", "optimizer.name",
-                         "pseudoseg.teacher", "model.frozen_backbone_blocks")
+                         "pseudoseg.teacher", "pseudoseg.distribution_alignment",
+                         "model.frozen_backbone_blocks")
 # Fields that decide what the run learns from: resuming a workdir with other values would train one
 # model on two datasets. The split list is compared by file name, so a workdir moved to a machine
 # where the lists live elsewhere still resumes.

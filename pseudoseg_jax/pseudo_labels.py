@@ -26,6 +26,8 @@ from pseudoseg_jax.models.resnet import image_groups
 MASK_PENALTY = -1e9
 CALIBRATION_EPSILON = 1e-8
 SGC_NORM_EPSILON = 1e-3  # slim.batch_norm's default, which the original's SGC norm uses.
+# Keeps a class neither labeled nor predicted at ratio 1 in align_distribution.
+FREQUENCY_EPSILON = 1e-6
 
 
 # --------------------------------------------------------------------------------------------------
@@ -230,6 +232,32 @@ def restrict_to_present_classes(probs: jax.Array, image_labels: jax.Array) -> ja
   allowed = jnp.concatenate([jnp.ones_like(image_labels[:, :1]), image_labels], axis=-1)
   kept = probs * allowed[:, None, None, :].astype(probs.dtype)
   return kept / jnp.maximum(jnp.sum(kept, axis=-1, keepdims=True), 1e-12)
+
+
+def align_distribution(probs: jax.Array, target_frequencies: jax.Array,
+                       predicted_frequencies: jax.Array) -> jax.Array:
+  """probs [N, H, W, C] times target / predicted frequency per class, renormalized (ReMixMatch's
+  distribution alignment). A teacher trained on few labeled images under-predicts their rare
+  classes, and hard or confident pseudo labels then teach it to drop them altogether; scaling
+  each class by how much rarer it is in the teacher's output than in the labels gives it back.
+  Uniform frequencies leave probs as they were."""
+  ratio = ((target_frequencies + FREQUENCY_EPSILON) /
+           (predicted_frequencies + FREQUENCY_EPSILON)).astype(probs.dtype)
+  aligned = probs * ratio
+  return aligned / jnp.maximum(jnp.sum(aligned, axis=-1, keepdims=True), 1e-12)
+
+
+def labeled_class_frequencies(mask: jax.Array, ignore_label: int, num_classes: int) -> jax.Array:
+  """float32 [C]: the share of each class among the mask's pixels that are not ignore_label."""
+  counts = jnp.sum(jax.nn.one_hot(jnp.where(mask == ignore_label, -1, mask), num_classes),
+                   axis=tuple(range(mask.ndim)))
+  return counts / jnp.maximum(jnp.sum(counts), 1.0)
+
+
+def predicted_class_frequencies(probs: jax.Array, valid: jax.Array) -> jax.Array:
+  """float32 [C]: the mean of probs [N, H, W, C] over the valid [N, H, W] pixels."""
+  weighted = jnp.sum(probs * valid[..., None], axis=(0, 1, 2))
+  return weighted / jnp.maximum(jnp.sum(valid), 1.0)
 
 
 def class_balanced_confident(probs: jax.Array, valid: jax.Array, threshold: float,

@@ -22,6 +22,11 @@ from pseudoseg_jax.models import build_model
 from pseudoseg_jax.models.resize import resize_bilinear
 
 
+# The key under which pseudoseg_loss hands train_step the batch's class frequencies of the
+# teacher's probabilities (a vector, not a logged metric).
+PREDICTED_FREQUENCIES = "internal/predicted_class_frequencies"
+
+
 @flax.struct.dataclass
 class TrainState:
   step: jax.Array
@@ -31,6 +36,10 @@ class TrainState:
   # {'params', 'batch_stats'}: the exponential moving average of the model that makes the pseudo
   # labels when config.pseudoseg.teacher == 'ema'; None (no leaves) otherwise.
   teacher: Any = None
+  # {'labeled', 'predicted'}: running class frequencies [C] of the labeled masks and of the
+  # teacher's unaligned pseudo-label probabilities, when config.pseudoseg.distribution_alignment;
+  # None (no leaves) otherwise.
+  class_frequencies: Any = None
 
 
 def init_model(config: ml_collections.ConfigDict, seed: int):
@@ -160,8 +169,21 @@ def create_train_state(config: ml_collections.ConfigDict, seed: int):
   graphdef, params, batch_stats = init_model(config, seed)
   tx = make_optimizer(config)
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
-                     opt_state=initial_optimizer_state(tx, params))
+                     opt_state=initial_optimizer_state(tx, params),
+                     class_frequencies=initial_class_frequencies(config))
   return graphdef, tx, with_fresh_teacher(state, config)
+
+
+def uses_distribution_alignment(config: ml_collections.ConfigDict) -> bool:
+  return config.method == "pseudoseg" and config.pseudoseg.distribution_alignment
+
+
+def initial_class_frequencies(config: ml_collections.ConfigDict) -> dict | None:
+  """Uniform, so that the first step's pseudo labels are not rescaled; None when unused."""
+  if not uses_distribution_alignment(config):
+    return None
+  uniform = jnp.full((config.data.num_classes,), 1.0 / config.data.num_classes, jnp.float32)
+  return {"labeled": uniform, "predicted": jnp.array(uniform)}
 
 
 def uses_ema_teacher(config: ml_collections.ConfigDict) -> bool:
@@ -253,14 +275,16 @@ def sgc_logits(model: nnx.Module, features: dict, cam: jax.Array,
 
 
 def make_pseudo_labels(model: nnx.Module, weak_logits: jax.Array, unlabeled: dict, *,
-                       config: ml_collections.ConfigDict, inference_features: dict | None = None
-                       ) -> dict:
+                       config: ml_collections.ConfigDict, inference_features: dict | None = None,
+                       class_frequencies: dict | None = None) -> dict:
   """Targets for the strong view, at decoder resolution, with no gradient.
 
   Returns {'targets': [N, h, w, C] soft probabilities or one-hot labels, 'weights': [N, h, w]
   (valid and confident), 'valid': [N, h, w] (not padding, not cutout), 'sgc_logits' and 'cam' when
-  the SGC is used}. The CAM reads an inference-mode backbone pass: `inference_features` when the
-  caller already has one (an EMA teacher's weak pass), else one more pass.
+  the SGC is used, 'predicted_frequencies' [C] with `class_frequencies`}. The CAM reads an
+  inference-mode backbone pass: `inference_features` when the caller already has one (an EMA
+  teacher's weak pass), else one more pass. `class_frequencies` (TrainState's) aligns the
+  probabilities with the labeled images' class frequencies before anything else uses them.
   """
   options = config.pseudoseg
   weak_logits = jax.lax.stop_gradient(weak_logits)
@@ -288,6 +312,10 @@ def make_pseudo_labels(model: nnx.Module, weak_logits: jax.Array, unlabeled: dic
       probs = pseudo_labels.calibrated_fusion(
           weak_logits, sgc, temperature=1.0, gamma=options.gamma,
           group_size=options.fusion_group_size, calibrate=options.calibrated)
+  if class_frequencies is not None:
+    outputs["predicted_frequencies"] = pseudo_labels.predicted_class_frequencies(probs, valid)
+    probs = pseudo_labels.align_distribution(probs, class_frequencies["labeled"],
+                                             class_frequencies["predicted"])
   if options.weak_labels and options.restrict_to_image_labels:
     probs = pseudo_labels.restrict_to_present_classes(probs, unlabeled["image_labels"])
   if options.soft_labels:
@@ -306,7 +334,8 @@ def make_pseudo_labels(model: nnx.Module, weak_logits: jax.Array, unlabeled: dic
 
 
 def unlabeled_forward(model: nnx.Module, unlabeled: dict, key: jax.Array, *,
-                      config: ml_collections.ConfigDict, teacher: nnx.Module | None = None):
+                      config: ml_collections.ConfigDict, teacher: nnx.Module | None = None,
+                      class_frequencies: dict | None = None):
   """(weak outputs, pseudo labels, strong outputs, unlabeled batch as the strong pass saw it).
 
   The original: one network, both views in training mode. With an EMA `teacher`, the teacher
@@ -318,11 +347,13 @@ def unlabeled_forward(model: nnx.Module, unlabeled: dict, key: jax.Array, *,
   mix_key = jax.random.fold_in(key, 2)  # Not a third split: the original's keys stay as they were.
   if teacher is None:
     weak = model(unlabeled["weak_image"], train=True, rngs=nnx.Rngs(dropout=weak_key))
-    pseudo = make_pseudo_labels(model, weak["logits"], unlabeled, config=config)
+    pseudo = make_pseudo_labels(model, weak["logits"], unlabeled, config=config,
+                                class_frequencies=class_frequencies)
   else:
     weak = teacher(unlabeled["weak_image"], train=False)
     pseudo = make_pseudo_labels(teacher, weak["logits"], unlabeled, config=config,
-                                inference_features=weak["features"])
+                                inference_features=weak["features"],
+                                class_frequencies=class_frequencies)
   if config.pseudoseg.cutmix_probability > 0:
     weak, pseudo, unlabeled = cutmix_unlabeled(weak, pseudo, unlabeled, mix_key,
                                                config.pseudoseg.cutmix_probability)
@@ -345,7 +376,9 @@ def cutmix_unlabeled(weak: dict, pseudo: dict, unlabeled: dict, key: jax.Array,
   def mixed_at_its_size(x):
     return mixing.mix(x, pseudo_labels.resize_nearest(boxes.astype(jnp.int32), x.shape[1:3]) > 0)
 
-  pseudo = {name: mixed_at_its_size(value) for name, value in pseudo.items()}
+  # Every pseudo-label output is a map but the per-class frequencies.
+  pseudo = {name: mixed_at_its_size(value) if value.ndim >= 3 else value
+            for name, value in pseudo.items()}
   weak = {**weak, "logits": mixed_at_its_size(weak["logits"])}
   boxed = jnp.any(boxes, axis=(1, 2))[:, None]
   labels = unlabeled["image_labels"]
@@ -400,11 +433,12 @@ def consistency_weight(config: ml_collections.ConfigDict, step) -> jax.Array:
 
 def pseudoseg_loss(params: dict, batch_stats: dict, batch: dict, key: jax.Array, *,
                    graphdef: nnx.GraphDef, config: ml_collections.ConfigDict, step=0,
-                   teacher: dict | None = None):
+                   teacher: dict | None = None, class_frequencies: dict | None = None):
   """SPEC 5: supervised CE + SGC CE + classification + consistency. batch = {'labeled': ...,
   'unlabeled': ...}; `step` only matters with a consistency ramp-up; `teacher` ({'params',
-  'batch_stats'}, no gradient) makes the pseudo labels when given. Returns (loss, (stats,
-  metrics))."""
+  'batch_stats'}, no gradient) makes the pseudo labels when given; `class_frequencies` aligns
+  them (make_pseudo_labels). Returns (loss, (stats, metrics)); with `class_frequencies`, metrics
+  holds the batch's PREDICTED_FREQUENCIES for train_step to take out."""
   options = config.pseudoseg
   ignore_label = config.data.ignore_label
   uses_sgc = options.pseudo_label_source != "decoder"
@@ -430,7 +464,8 @@ def pseudoseg_loss(params: dict, batch_stats: dict, batch: dict, key: jax.Array,
   teacher_model = None if teacher is None else nnx.merge(
       graphdef, jax.lax.stop_gradient(teacher["params"]), teacher["batch_stats"])
   weak, pseudo, strong, seen = unlabeled_forward(model, unlabeled, unlabeled_key, config=config,
-                                                 teacher=teacher_model)
+                                                 teacher=teacher_model,
+                                                 class_frequencies=class_frequencies)
   if options.weak_labels:
     # As the original (cls_with_cls), the classifier then learns from the image-level-labeled pool:
     # on the weak view, or on the strong one (with the mixed labels) when the teacher made the weak.
@@ -448,13 +483,16 @@ def pseudoseg_loss(params: dict, batch_stats: dict, batch: dict, key: jax.Array,
   metrics.update(pseudo_label_metrics(weak, pseudo, strong, seen,
                                       num_classes=config.data.num_classes,
                                       ignore_label=ignore_label))
+  if "predicted_frequencies" in pseudo:
+    metrics[PREDICTED_FREQUENCIES] = pseudo["predicted_frequencies"]
   new_stats = nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
   return loss, (new_stats, metrics)
 
 
 def pseudo_label_images(params: dict, batch_stats: dict, unlabeled: dict, key: jax.Array, *,
                         graphdef: nnx.GraphDef, config: ml_collections.ConfigDict,
-                        teacher: dict | None = None) -> dict:
+                        teacher: dict | None = None, class_frequencies: dict | None = None
+                        ) -> dict:
   """What the step sees on the unlabeled batch, for summaries: class maps at decoder resolution
   (int32 [N, h, w]; -1 where a pseudo label does not count), the CAM / SGC when used, and the
   strong view the network is given."""
@@ -462,7 +500,8 @@ def pseudo_label_images(params: dict, batch_stats: dict, unlabeled: dict, key: j
   teacher_model = None if teacher is None else nnx.merge(graphdef, teacher["params"],
                                                          teacher["batch_stats"])
   weak, pseudo, strong, unlabeled = unlabeled_forward(model, unlabeled, key, config=config,
-                                                      teacher=teacher_model)
+                                                      teacher=teacher_model,
+                                                      class_frequencies=class_frequencies)
   size = pseudo["targets"].shape[1:3]
   images = {"pseudo_label": jnp.where(pseudo["weights"] > 0,
                                       jnp.argmax(pseudo["targets"], axis=-1), -1),
@@ -491,7 +530,8 @@ def train_step(state: TrainState, batch: dict, total_steps: int | jax.Array | No
   tx = make_optimizer(config, total_steps)
   key = step_key(config.seed, state.step)
   if config.method == "pseudoseg":
-    loss_fn = functools.partial(pseudoseg_loss, step=state.step, teacher=state.teacher)
+    loss_fn = functools.partial(pseudoseg_loss, step=state.step, teacher=state.teacher,
+                                class_frequencies=state.class_frequencies)
   else:
     loss_fn = supervised_loss
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -510,6 +550,16 @@ def train_step(state: TrainState, batch: dict, total_steps: int | jax.Array | No
   if state.teacher is not None:
     new_state = new_state.replace(teacher=ema_update(
         state.teacher, new_params, new_stats, ema_decay_at(config.pseudoseg.ema_decay, state.step)))
+  if state.class_frequencies is not None:
+    labeled = batch["labeled"]
+    batch_frequencies = {
+        "labeled": pseudo_labels.labeled_class_frequencies(
+            labeled["mask"], config.data.ignore_label, config.data.num_classes),
+        "predicted": metrics.pop(PREDICTED_FREQUENCIES)}
+    decay = ema_decay_at(config.pseudoseg.distribution_alignment_momentum, state.step)
+    new_state = new_state.replace(class_frequencies=jax.tree.map(
+        lambda old, new: decay * old + (1.0 - decay) * new, state.class_frequencies,
+        batch_frequencies))
   if config.skip_nonfinite_steps:
     new_state = keep_previous_unless(all_finite, new_state, state)
   return new_state, metrics

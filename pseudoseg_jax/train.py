@@ -290,7 +290,8 @@ def write_pseudo_label_summary(writer: writers.MetricWriter, images_fn, state: s
   step_key = steps.step_key(config.seed, state.step)
   _, unlabeled_key = steps.labeled_and_unlabeled_keys(step_key)
   maps = jax.device_get(images_fn(state.params, state.batch_stats, global_batch["unlabeled"],
-                                  unlabeled_key, teacher=state.teacher))
+                                  unlabeled_key, teacher=state.teacher,
+                                  class_frequencies=state.class_frequencies))
   writer.write_images(int(state.step) + 1, {"pseudo_labels": pseudo_label_grid(
       maps, local_batch["unlabeled"], config.data.num_classes)})
 

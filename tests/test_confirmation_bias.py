@@ -1,5 +1,5 @@
 """The remedies for confirmation bias (config.pseudoseg: teacher, cutmix_probability,
-class_balanced_fraction): known answers for each piece, then one tiny step with all of them."""
+class_balanced_fraction, distribution_alignment): known answers for each piece, then one tiny step with all of them."""
 
 import functools
 
@@ -10,7 +10,8 @@ import pytest
 
 from pseudoseg_jax import config as config_lib
 from pseudoseg_jax import mixing, pseudo_labels, steps
-from tests.test_pseudoseg_step import random_batch, tiny_config
+from tests.test_pseudoseg_step import IGNORE as IGNORE_LABEL
+from tests.test_pseudoseg_step import NUM_CLASSES, random_batch, tiny_config
 
 
 def test_ema_update_known_answer():
@@ -100,6 +101,27 @@ def test_restricting_to_image_labels_moves_absent_classes_to_present_ones():
   np.testing.assert_allclose(restricted[1, 0, 0], [0.1, 0.6, 0.3], rtol=1e-6)
 
 
+def test_distribution_alignment_known_answer():
+  probs = jnp.array([0.5, 0.3, 0.2]).reshape(1, 1, 1, 3)
+  aligned = pseudo_labels.align_distribution(probs, jnp.array([0.2, 0.3, 0.5]),
+                                             jnp.array([0.4, 0.3, 0.3]))
+  # Ratios 1/2, 1, 5/3: 0.25, 0.3, 1/3, over their sum 53/60.
+  np.testing.assert_allclose(aligned.ravel(), np.array([0.25, 0.3, 1 / 3]) * 60 / 53, rtol=1e-5)
+  uniform = jnp.full((3,), 1 / 3)
+  np.testing.assert_allclose(pseudo_labels.align_distribution(probs, uniform, uniform), probs,
+                             rtol=1e-6)
+
+
+def test_class_frequencies_of_masks_and_of_probabilities():
+  mask = jnp.array([[[0, 1], [1, IGNORE_LABEL]]])
+  np.testing.assert_allclose(pseudo_labels.labeled_class_frequencies(mask, IGNORE_LABEL, 3),
+                             [1 / 3, 2 / 3, 0.0], rtol=1e-6)
+  probs = jnp.array([[[[1.0, 0.0], [0.5, 0.5]], [[0.0, 1.0], [0.2, 0.8]]]])  # [1, 2, 2, 2]
+  valid = jnp.array([[[1.0, 1.0], [1.0, 0.0]]])  # The last pixel is padding.
+  np.testing.assert_allclose(pseudo_labels.predicted_class_frequencies(probs, valid),
+                             [0.5, 0.5], rtol=1e-6)
+
+
 def test_config_rejects_unknown_teacher():
   config = tiny_config()
   config.pseudoseg.teacher = "mean"
@@ -110,7 +132,8 @@ def test_config_rejects_unknown_teacher():
 @pytest.fixture(scope="module")
 def remedies_step():
   config = tiny_config(teacher="ema", ema_decay=0.9, cutmix_probability=1.0, soft_labels=False,
-                       confidence_threshold=0.5, class_balanced_fraction=0.5, weak_labels=True)
+                       confidence_threshold=0.5, class_balanced_fraction=0.5, weak_labels=True,
+                       distribution_alignment=True, distribution_alignment_momentum=0.9)
   graphdef, _, state = steps.create_train_state(config, 0)
   step = jax.jit(functools.partial(steps.train_step, graphdef=graphdef, config=config))
   return config, state, step
@@ -129,6 +152,29 @@ def test_teacher_starts_as_the_model_and_follows_it(remedies_step):
   moved = [float(jnp.max(jnp.abs(a - b))) for a, b in
            zip(jax.tree.leaves(new_state.params), jax.tree.leaves(state.params))]
   assert max(moved) > 0
+
+
+def test_class_frequencies_start_uniform_and_follow_the_batches(remedies_step):
+  config, state, step = remedies_step
+  uniform = np.full(NUM_CLASSES, 1 / NUM_CLASSES)
+  np.testing.assert_allclose(state.class_frequencies["labeled"], uniform, rtol=1e-6)
+  batch = random_batch(0)
+  new_state, metrics = step(state, batch)
+  assert steps.PREDICTED_FREQUENCIES not in metrics
+  # Step 0's warm-up (decay 0) makes the running frequencies the batch's own.
+  np.testing.assert_allclose(
+      new_state.class_frequencies["labeled"],
+      pseudo_labels.labeled_class_frequencies(batch["labeled"]["mask"], IGNORE_LABEL,
+                                              NUM_CLASSES), rtol=1e-6)
+  predicted = np.asarray(new_state.class_frequencies["predicted"])
+  assert np.all(predicted > 0) and abs(predicted.sum() - 1) < 1e-5
+  # Step 1 averages (decay 1/2) its batch into them.
+  second_batch = random_batch(1)
+  newer_state, _ = step(new_state, second_batch)
+  np.testing.assert_allclose(
+      newer_state.class_frequencies["labeled"],
+      (new_state.class_frequencies["labeled"] + pseudo_labels.labeled_class_frequencies(
+          second_batch["labeled"]["mask"], IGNORE_LABEL, NUM_CLASSES)) / 2, rtol=1e-5)
 
 
 def test_pseudo_labels_of_the_teacher_are_mixed_with_the_strong_view(remedies_step):
