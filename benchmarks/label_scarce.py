@@ -3,7 +3,7 @@ rest of train unlabeled, and the supervised ceiling with every train image label
 
   python benchmarks/label_scarce.py --out=workdirs/label_scarce [--seeds=0,1,2]
       [--root=../shared/data/stanford_background] [--ignore_label=15] [--fractions=1_32,1_8]
-      [--preset=cpu] [--steps=N] [--report_only]
+      [--preset=cpu] [--steps=N] [--ablations=paper,no_cutmix,...] [--report_only]
 
 The dataset is a folder dataset (pseudoseg_jax/data/datasets/folder.py): ROOT/images, masks,
 splits/val.txt; with no splits/labeled.txt, the labeled pool is every masked image outside val.
@@ -16,6 +16,8 @@ seed (data.split_seed = seed, so each seed sees other labeled images), and the r
   pseudoseg                       the preset's recipe, the rest of train as unlabeled images;
   pseudoseg (image-level labels)  the same with the unlabeled images' image-level labels (at the
                                   smallest fraction only);
+--ablations adds, at the smallest fraction, PseudoSeg with one of the preset's options changed
+(ABLATIONS: "paper" is the original's recipe on the preset's model and schedule);
 and the ceiling, supervised on all of train, at the --ceiling_seeds (default: the first seed only;
 its labels are the same at every seed, only the training randomness differs). Every run has the same steps and
 batches; each is the ordinary training command in its own workdir under --out, so an
@@ -41,6 +43,18 @@ SEMI_SUPERVISED_RUNS = {
     "pseudoseg (image-level labels)": {"method": "pseudoseg", "weak_labels": "true"},
 }
 WEAK_LABELS_ONLY_AT_SMALLEST = "pseudoseg (image-level labels)"
+# --ablations: the preset's PseudoSeg with one option changed, at the smallest fraction.
+ABLATIONS = {
+    "paper": {"pseudoseg.teacher": "student", "pseudoseg.soft_labels": True,
+              "pseudoseg.confidence_threshold": 0.0, "pseudoseg.class_balanced_fraction": 0.0,
+              "pseudoseg.cutmix_probability": 0.0, "pseudoseg.consistency_rampup_steps": 0},
+    "no_mean_teacher": {"pseudoseg.teacher": "student"},
+    "no_cutmix": {"pseudoseg.cutmix_probability": 0.0},
+    "no_class_balance": {"pseudoseg.class_balanced_fraction": 0.0},
+    "no_rampup": {"pseudoseg.consistency_rampup_steps": 0},
+    "decoder_labels": {"pseudoseg.pseudo_label_source": "decoder"},
+    "distribution_alignment": {"pseudoseg.distribution_alignment": True},
+}
 
 
 def fraction_value(name: str) -> float:
@@ -56,9 +70,10 @@ def config_arg(args, run: dict) -> str:
   return "configs/folder.py:" + ",".join(f"{key}={value}" for key, value in items.items())
 
 
-def one_run(args, name: str, fraction: str | None, seed: int, run: dict) -> dict | None:
-  """fraction None: every train image labeled (the ceiling)."""
-  overrides = {"seed": seed, "data.ignore_label": args.ignore_label}
+def one_run(args, name: str, fraction: str | None, seed: int, run: dict,
+            options: dict | None = None) -> dict | None:
+  """fraction None: every train image labeled (the ceiling). `options`: config fields to set."""
+  overrides = {"seed": seed, "data.ignore_label": args.ignore_label, **(options or {})}
   if fraction is not None:
     overrides.update({"data.labeled_fraction": fraction_value(fraction),
                       "data.split_seed": seed})
@@ -101,6 +116,8 @@ def main():
   parser.add_argument("--ceiling_seeds", default=None,
                       help="Seeds of the all-labeled run (default: the first of --seeds).")
   parser.add_argument("--skip_ceiling", action="store_true")
+  parser.add_argument("--ablations", default="",
+                      help=f"Comma-separated, at the smallest fraction: {', '.join(ABLATIONS)}.")
   parser.add_argument("--report_only", action="store_true",
                       help="Tabulate the finished runs; train nothing.")
   args = parser.parse_args()
@@ -111,6 +128,11 @@ def main():
                    [int(s) for s in args.ceiling_seeds.split(",")] if args.ceiling_seeds
                    else seeds[:1])
 
+  ablations = [a for a in args.ablations.split(",") if a]
+  unknown = sorted(set(ablations) - set(ABLATIONS))
+  if unknown:
+    parser.error(f"--ablations: unknown {', '.join(unknown)}; known: {', '.join(ABLATIONS)}.")
+
   table = {}
   for seed in seeds:  # Seed-major: a partial benchmark has every row at the first seeds.
     for fraction in fractions:
@@ -118,6 +140,10 @@ def main():
         if name == WEAK_LABELS_ONLY_AT_SMALLEST and fraction != fractions[0]:
           continue
         table.setdefault((fraction, name), []).append(one_run(args, name, fraction, seed, run))
+    for ablation in ablations:
+      name = f"pseudoseg, {ablation}"
+      table.setdefault((fractions[0], name), []).append(one_run(
+          args, name, fractions[0], seed, SEMI_SUPERVISED_RUNS["pseudoseg"], ABLATIONS[ablation]))
     if seed in ceiling_seeds:
       table.setdefault(("all", "supervised"), []).append(
           one_run(args, "supervised", None, seed, SEMI_SUPERVISED_RUNS["supervised"]))

@@ -43,11 +43,14 @@ class TrainState:
 
 
 def init_model(config: ml_collections.ConfigDict, seed: int):
-  """Returns (graphdef, params, batch_stats) with params and stats as pure dicts.
+  """Returns (graphdef, params, batch_stats) with params and stats as pure dicts, on the host's CPU.
 
   Initialization runs under jit with the 'rbg' key type: eagerly, or with threefry keys, XLA
   compiles hundreds of small random ops one by one and even the tiny model takes ~12 s on a CPU.
-  The key is the program's argument, so that every seed runs one compiled program.
+  The key is the program's argument, so that every seed runs one compiled program. rbg's bits
+  come from the backend's own generator (TPUs have theirs), so the program runs on the CPU
+  backend, which GPU and TPU hosts have too: one seed, the same initial weights on every host
+  and accelerator (for one JAX version; JAX does not promise rbg's bits across versions).
   """
   def make(key):
     return build_model(config.model, config.data.num_classes, rngs=nnx.Rngs(params=key))
@@ -56,10 +59,19 @@ def init_model(config: ml_collections.ConfigDict, seed: int):
     _, params, batch_stats = nnx.split(make(key), nnx.Param, nnx.BatchStat)
     return nnx.to_pure_dict(params), nnx.to_pure_dict(batch_stats)
 
-  key = jax.random.key(seed, impl="rbg")
-  graphdef = nnx.split(nnx.eval_shape(make, key), nnx.Param, nnx.BatchStat)[0]
-  params, batch_stats = jax.jit(initial_values)(key)
+  with jax.default_device(initialization_device()):
+    key = jax.random.key(seed, impl="rbg")
+    graphdef = nnx.split(nnx.eval_shape(make, key), nnx.Param, nnx.BatchStat)[0]
+    params, batch_stats = jax.jit(initial_values)(key)
   return graphdef, params, batch_stats
+
+
+def initialization_device() -> jax.Device:
+  """The host's first CPU device; the default device where JAX_PLATFORMS leaves out the CPU."""
+  try:
+    return jax.local_devices(backend="cpu")[0]
+  except RuntimeError:
+    return jax.local_devices()[0]
 
 
 def _names(path) -> tuple[str, ...]:

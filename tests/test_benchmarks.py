@@ -1,5 +1,6 @@
 """The speed benchmarks (benchmarks/train_step.py, input_pipeline.py) run end to end at tiny sizes
-and report sane figures; XLA's FLOP count, which their FLOP/s rest on, meets known answers."""
+and report sane figures; XLA's FLOP count, which their FLOP/s rest on, meets known answers; the
+label-scarce benchmark's ablations name real config fields and values the config accepts."""
 
 import argparse
 import json
@@ -11,12 +12,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pseudoseg_jax import config as config_lib
+
 BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                           "benchmarks")
 sys.path.insert(0, BENCHMARKS)  # The scripts import their shared helpers as `common`.
 import common  # noqa: E402
 import conv_kernels  # noqa: E402
 import input_pipeline  # noqa: E402
+import label_scarce  # noqa: E402
 import train_step  # noqa: E402
 
 sys.path.remove(BENCHMARKS)
@@ -197,3 +201,14 @@ def test_conv_kernels_benchmark_times_both_formulations_of_a_layer(capsys):
   assert layer["speedup_of_forward_and_gradients"] > 0
   with pytest.raises(SystemExit, match="unknown"):
     conv_kernels.main(["--layers=nope"])
+
+
+@pytest.mark.parametrize("ablation", sorted(label_scarce.ABLATIONS))
+def test_label_scarce_ablations_are_valid_configs(ablation):
+  config = config_lib.base_config()
+  config.method = "pseudoseg"
+  for field, value in label_scarce.ABLATIONS[ablation].items():
+    section, name = field.split(".")
+    assert name in config[section], f"{ablation}: {field} is not a config field"
+    config[section][name] = value
+  config_lib.validate(config)

@@ -178,3 +178,28 @@ def test_restoring_a_different_model_names_the_checkpoint_and_tensors(setup, tmp
     checkpointing.restore_latest(manager, other_state)
   assert "shape of ['params']" in str(info.value)
   assert manager.latest_step() == 5  # Nothing was deleted or overwritten.
+
+
+def test_initial_weights_come_from_the_cpu_backend_whatever_the_default_device(setup):
+  """rbg draws with each backend's own generator, so init runs on the host's CPU backend: the same
+  seed then gives the same weights on CPU, GPU and TPU hosts. Here another default device (of the
+  4 virtual CPU devices) must not move the program or change a bit."""
+  config, _, _ = setup
+  _, params, _ = steps.init_model(config, 0)
+  with jax.default_device(jax.devices()[2]):
+    _, elsewhere, _ = steps.init_model(config, 0)
+  for ours, theirs in zip(jax.tree.leaves(params), jax.tree.leaves(elsewhere)):
+    assert ours.devices() == theirs.devices() == {jax.local_devices(backend="cpu")[0]}
+    np.testing.assert_array_equal(ours, theirs)
+
+
+def test_initialization_falls_back_to_the_default_device_without_a_cpu_backend(monkeypatch):
+  devices = jax.local_devices()
+
+  def local_devices(backend=None):
+    if backend == "cpu":
+      raise RuntimeError("Unknown backend cpu")  # What JAX_PLATFORMS=tpu gives.
+    return devices
+
+  monkeypatch.setattr(jax, "local_devices", local_devices)
+  assert steps.initialization_device() == devices[0]
