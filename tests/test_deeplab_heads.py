@@ -17,7 +17,7 @@ from flax import nnx
 from pseudoseg_jax import recipes, steps
 from pseudoseg_jax.config import base_config, validate
 from pseudoseg_jax.models import build_model, conv
-from pseudoseg_jax.models.deeplab import ClassificationHead, SeparableConvBN
+from pseudoseg_jax.models.deeplab import ClassificationHead, Decoder, SeparableConvBN
 from pseudoseg_jax.models.resnet import GhostBatchNorm, NormConfig
 from test_models import tiny_config
 from test_xception import deeplab_backbone_shapes
@@ -162,6 +162,23 @@ def test_separable_initializers_are_deeplabs():
   layer = SeparableConvBN(512, 256, norm=NormConfig(), rngs=nnx.Rngs(0))
   assert_truncated_normal(layer.conv_depthwise.kernel[...], 0.33)  # 4,608 samples.
   assert_truncated_normal(layer.conv_pointwise.kernel[...], 0.06)  # 131,072 samples.
+
+
+def test_separable_heads_take_deeplabs_dense_and_logits_initializers():
+  heads = build_model(tiny_config(separable_heads=True), 5, rngs=nnx.Rngs(0))
+  for layer in (heads.aspp.image_pooling, heads.aspp.conv_1x1, heads.aspp.projection,
+                heads.decoder.low_level_projection):
+    kernel = np.asarray(layer.conv.kernel[...])
+    fan_in, fan_out = kernel.shape[2], kernel.shape[3]
+    limit = np.sqrt(6 / (fan_in + fan_out))  # Glorot uniform: U(-limit, limit).
+    assert np.abs(kernel).max() <= limit
+    np.testing.assert_allclose(kernel.std(), limit / np.sqrt(3), rtol=0.15)
+  decoder = Decoder(256, 24, low_level_channels=48, channels=256, num_classes=21, separable=True,
+                    norm=NormConfig(), rngs=nnx.Rngs(0))
+  assert_truncated_normal(decoder.logits.kernel[...], 0.01)  # 5,376 samples.
+  dense = build_model(tiny_config(), 5, rngs=nnx.Rngs(0))  # The default: He fan-out.
+  kernel = np.asarray(dense.aspp.projection.conv.kernel[...])
+  np.testing.assert_allclose(kernel.std(), np.sqrt(2 / kernel.shape[3]), rtol=0.15)
 
 
 def test_classifier_init_is_xceptions_truncated_normal_when_asked():

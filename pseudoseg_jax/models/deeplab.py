@@ -36,6 +36,11 @@ classifier_init = nnx.initializers.variance_scaling(2.0, "fan_in", "truncated_no
 # (utils.py:67,104-105); TF's truncated normal, like JAX's, redraws beyond 2 stddev, unrescaled.
 separable_depthwise_init = nnx.initializers.truncated_normal(stddev=0.33)
 separable_pointwise_init = nnx.initializers.truncated_normal(stddev=0.06)
+# DeepLab's own heads also keep slim's default initializer (Glorot uniform) for their dense 1x1
+# convs, whose arg_scopes set none (wss core/model.py:467-474, 727-734), and draw the logits from
+# a truncated normal of stddev 0.01 (core/model.py:927-931).
+deeplab_dense_init = nnx.initializers.glorot_uniform()
+deeplab_logits_init = nnx.initializers.truncated_normal(stddev=0.01)
 
 
 class SeparableConvBN(nnx.Module):
@@ -84,12 +89,13 @@ class ASPP(nnx.Module):
                separable: bool = False, norm: NormConfig, dtype=None, param_dtype=jnp.float32,
                rngs: nnx.Rngs):
     layer = dict(norm=norm, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.image_pooling = ConvBN(in_features, channels, 1, **layer)
-    self.conv_1x1 = ConvBN(in_features, channels, 1, **layer)
+    dense = dict(layer, kernel_init=deeplab_dense_init) if separable else layer
+    self.image_pooling = ConvBN(in_features, channels, 1, **dense)
+    self.conv_1x1 = ConvBN(in_features, channels, 1, **dense)
     self.atrous = nnx.List([
         conv3x3_bn_relu(in_features, channels, separable=separable, dilation=rate, **layer)
         for rate in rates])
-    self.projection = ConvBN((2 + len(rates)) * channels, channels, 1, **layer)
+    self.projection = ConvBN((2 + len(rates)) * channels, channels, 1, **dense)
     self.dropout = nnx.Dropout(dropout)
 
   def __call__(self, x: jax.Array, *, train: bool, rngs: nnx.Rngs | None) -> jax.Array:
@@ -109,12 +115,14 @@ class Decoder(nnx.Module):
                channels: int, num_classes: int, separable: bool = False, norm: NormConfig,
                dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
     layer = dict(norm=norm, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.low_level_projection = ConvBN(low_level_in, low_level_channels, 1, **layer)
+    dense = dict(layer, kernel_init=deeplab_dense_init) if separable else layer
+    self.low_level_projection = ConvBN(low_level_in, low_level_channels, 1, **dense)
     self.fuse = nnx.List([
         conv3x3_bn_relu(aspp_features + low_level_channels, channels, separable=separable,
                         **layer),
         conv3x3_bn_relu(channels, channels, separable=separable, **layer)])
-    self.logits = conv2d(channels, num_classes, 1, use_bias=True, kernel_init=logits_init,
+    self.logits = conv2d(channels, num_classes, 1, use_bias=True,
+                         kernel_init=deeplab_logits_init if separable else logits_init,
                          dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
   def __call__(self, aspp_out: jax.Array, low_level: jax.Array, *, train: bool) -> jax.Array:
@@ -187,7 +195,8 @@ class DeepLabV3Plus(nnx.Module):
   with norm.group_size G > 0 (model.bn_group_size) the statistics are per group of G consecutive
   images, and G must divide the batch. `head_norm` (default `norm`) is the ASPP's and the decoder's:
   DeepLab's heads use decay 0.9997 whatever the backbone (wss core/model.py:457-462, 702-707).
-  `separable_heads`: DeepLab's split separable 3x3 convs in the ASPP and decoder;
+  `separable_heads`: DeepLab's own heads: split separable 3x3 convs in the ASPP and decoder, and
+  its initializers for their 1x1 convs and the logits;
   `cls_init_stddev`: see ClassificationHead.
   """
 

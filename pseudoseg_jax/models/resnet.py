@@ -231,10 +231,12 @@ class ConvBN(nnx.Module):
   """Conv + BatchNorm, optionally ReLU; also the projection shortcut."""
 
   def __init__(self, in_features: int, out_features: int, kernel_size: int, *, stride: int = 1,
-               dilation: int = 1, use_bias: bool = False, norm: NormConfig, dtype=None,
-               param_dtype=jnp.float32, rngs: nnx.Rngs):
+               dilation: int = 1, use_bias: bool = False, norm: NormConfig,
+               kernel_init=he_normal_fan_out, dtype=None, param_dtype=jnp.float32,
+               rngs: nnx.Rngs):
     self.conv = conv2d(in_features, out_features, kernel_size, stride=stride, dilation=dilation,
-                       use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                       use_bias=use_bias, kernel_init=kernel_init, dtype=dtype,
+                       param_dtype=param_dtype, rngs=rngs)
     self.bn = batch_norm(out_features, norm, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array, *, train: bool, relu: bool = True) -> jax.Array:
