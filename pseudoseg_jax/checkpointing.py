@@ -46,7 +46,28 @@ def checkpoint_dir(workdir: str) -> str:
   return os.path.join(paths.absolute(workdir), "checkpoints")
 
 
-def make_manager(workdir: str, keep: int | None, read_only: bool = False):
+class Manager(ocp.CheckpointManager):
+  """orbax's CheckpointManager that can start afresh after a failed save.
+
+  orbax keeps a failed save's errors in several places (the manager, its background writer, the
+  metadata store) and the next save fails on a stale one; only a new manager is clean.
+  """
+
+  def __init__(self, directory: str, options: ocp.CheckpointManagerOptions):
+    self._construction = (directory, options)
+    # Naming the handler lets a new manager (a resumed run) read the saved tree's metadata.
+    super().__init__(directory, options=options, item_handlers=ocp.StandardCheckpointHandler())
+
+  def restart(self) -> None:
+    """Drops every pending error and background thread, and lists the steps on disk again."""
+    try:
+      self.close()
+    except Exception:  # pylint: disable=broad-except  # The failed save's error, already reported.
+      pass
+    Manager.__init__(self, *self._construction)
+
+
+def make_manager(workdir: str, keep: int | None, read_only: bool = False) -> Manager:
   """The manager of WORKDIR/checkpoints, keeping the last `keep` checkpoints.
 
   read_only: for readers (inference) that may run beside a trainer. It creates and deletes
@@ -55,9 +76,7 @@ def make_manager(workdir: str, keep: int | None, read_only: bool = False):
   options = ocp.CheckpointManagerOptions(
       max_to_keep=None if read_only else keep, create=not read_only, read_only=read_only,
       cleanup_tmp_directories=not read_only)
-  # Naming the handler lets a new manager (a resumed run) read the saved tree's metadata.
-  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
-                               item_handlers=ocp.StandardCheckpointHandler())
+  return Manager(checkpoint_dir(workdir), options)
 
 
 # ---------------------------------------------------------------- saving
@@ -84,31 +103,14 @@ def wait_until_finished(manager) -> None:
     raise _save_failed(manager, in_progress, error) from error
 
 
-def _save_failed(manager, step: int | None, error: Exception) -> CheckpointSaveFailed:
-  _ready_for_another_save(manager)
+def _save_failed(manager: Manager, step: int | None, error: Exception) -> CheckpointSaveFailed:
+  manager.restart()
   complete = sorted(manager.all_steps())
   resume = f"step {complete[-1]}" if complete else "the start"
   return CheckpointSaveFailed(
       f"Saving checkpoint {step} in {manager.directory} failed: {_one_line(error)}\n"
       f"The complete checkpoints are untouched: steps {_listed(complete)}. Fix the cause (free "
       f"disk space?) and rerun the same command: it resumes from {resume}.")
-
-
-def _ready_for_another_save(manager) -> None:
-  """orbax keeps a failed save's errors in several places (manager, background writer, metadata
-  store) and raises one per call: collect them all, or the next save fails on a stale one. Then
-  list the steps on disk again: orbax dropped the one it was to delete after the failed save."""
-  writer = getattr(manager, "_checkpointer", None)  # Private; its wait is reachable only here.
-  for wait in filter(None, (manager.wait_until_finished,
-                            getattr(writer, "wait_until_finished", None),
-                            manager.check_for_errors)):
-    for _ in range(4):
-      try:
-        wait()
-        break
-      except Exception:  # pylint: disable=broad-except
-        continue
-  manager.reload()
 
 
 def _checksums(tree: Any) -> dict[str, list]:
