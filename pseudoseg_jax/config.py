@@ -16,6 +16,7 @@ OPTIMIZERS = ("sgd", "adam")
 METHODS = ("supervised", "pseudoseg")
 PSEUDO_LABEL_SOURCES = ("fusion", "decoder", "sgc")
 TEACHERS = ("student", "ema")
+EMA_WARMUPS = ("average", "recent")  # steps.ema_decay_at.
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -143,6 +144,9 @@ def base_config() -> ml_collections.ConfigDict:
   # (mean teacher); "student": the network being trained does, in training mode (the original).
   config.pseudoseg.teacher = "student"
   config.pseudoseg.ema_decay = 0.99
+  # How the teacher's decay rises to ema_decay (steps.ema_decay_at): "average" (Mean Teacher's, the
+  # plain average of every model so far) or "recent" (TF's num_updates schedule).
+  config.pseudoseg.ema_warmup = "average"
   # Probability that an unlabeled image's strong view gets a box of its batch neighbour's, with
   # the pseudo labels mixed alike (CutMix, as CPS and UniMatch); 0 = off.
   config.pseudoseg.cutmix_probability = 0.0
@@ -267,6 +271,9 @@ def _validate_pseudoseg(section: ml_collections.ConfigDict) -> None:
   if section.consistency_rampup_steps < 0:
     raise ValueError("config.pseudoseg.consistency_rampup_steps must be >= 0, got "
                      f"{section.consistency_rampup_steps}.")
+  if section.ema_warmup not in EMA_WARMUPS:
+    raise ValueError(f"config.pseudoseg.ema_warmup must be one of {EMA_WARMUPS}, got "
+                     f"{section.ema_warmup!r}.")
   if section.teacher not in TEACHERS:
     raise ValueError(f"config.pseudoseg.teacher must be one of {TEACHERS}, got {section.teacher!r}.")
   for field in ("ema_decay", "cutmix_probability", "class_balanced_fraction",

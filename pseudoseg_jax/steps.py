@@ -211,11 +211,21 @@ def with_fresh_teacher(state: TrainState, config: ml_collections.ConfigDict) -> 
                                 "batch_stats": copy(state.batch_stats)})
 
 
-def ema_decay_at(decay: float, step) -> jax.Array:
-  """min(decay, 1 - 1 / (step + 1)): the teacher is the plain average of the models so far until
-  that reaches `decay` (Mean Teacher's warm-up). A constant decay from step 0 would keep the first,
-  random heads in the teacher for hundreds of steps, and their pseudo labels are noise."""
-  return jnp.minimum(decay, 1.0 - 1.0 / (jnp.asarray(step, jnp.float32) + 1.0))
+def ema_decay_at(decay: float, step, warmup: str = "average") -> jax.Array:
+  """The decay of the average at `step`, raised to `decay` by a warm-up. A constant decay from
+  step 0 would keep the first, random heads in the teacher for hundreds of steps, and their
+  pseudo labels are noise.
+
+  "average": min(decay, 1 - 1 / (step + 1)), the plain average of the models so far until that
+  reaches `decay` (Mean Teacher's). "recent": min(decay, (1 + step) / (10 + step)) (TF's
+  ExponentialMovingAverage with num_updates), an average over roughly the last tenth of the
+  steps: in a run of a few hundred steps, whose model improves fast, the plain average of every
+  model so far lags far behind the model itself.
+  """
+  step = jnp.asarray(step, jnp.float32)
+  if warmup == "recent":
+    return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+  return jnp.minimum(decay, 1.0 - 1.0 / (step + 1.0))
 
 
 def ema_update(teacher: dict, params: dict, batch_stats: dict, decay) -> dict:
@@ -561,7 +571,8 @@ def train_step(state: TrainState, batch: dict, total_steps: int | jax.Array | No
                             opt_state=new_opt_state)
   if state.teacher is not None:
     new_state = new_state.replace(teacher=ema_update(
-        state.teacher, new_params, new_stats, ema_decay_at(config.pseudoseg.ema_decay, state.step)))
+        state.teacher, new_params, new_stats, ema_decay_at(config.pseudoseg.ema_decay, state.step,
+                                                        config.pseudoseg.ema_warmup)))
   if state.class_frequencies is not None:
     labeled = batch["labeled"]
     batch_frequencies = {

@@ -27,6 +27,11 @@ def test_ema_decay_warms_up_as_the_running_average():
                              [0.0, 0.5, 0.75, 0.99, 0.99], rtol=1e-6)
 
 
+def test_recent_ema_warmup_is_tfs_num_updates_schedule():
+  np.testing.assert_allclose([steps.ema_decay_at(0.99, s, "recent") for s in (0, 10, 90, 2000)],
+                             [0.1, 0.55, 0.91, 0.99], rtol=1e-6)
+
+
 def test_box_masks_cover_the_pixels_whose_centres_are_inside():
   boxes = mixing.box_masks(top=jnp.array([1.0, 0.0]), left=jnp.array([2.0, 0.0]),
                            box_height=jnp.array([2.0, 4.0]), box_width=jnp.array([1.5, 4.0]),
