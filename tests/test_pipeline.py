@@ -430,3 +430,25 @@ def test_eval_stream_batch_count_follows_num_examples():
   stream = pipeline.eval_stream(source, batch_size=2, crop_size=10, ignore_label=IGNORE,
                                 num_examples=11)
   assert len(list(stream)) == 6
+
+
+# ----------------------------------------------------------------------------- releasing a stream
+
+
+TRAINING_STREAM_ARGS = dict(batch_size=2, crop_size=13, ignore_label=IGNORE,
+                            num_classes=NUM_CLASSES, seed=0, shuffle_buffer=8)
+
+
+@pytest.mark.parametrize("make_stream", [
+    lambda: pipeline.labeled_stream(labeled_source(), **TRAINING_STREAM_ARGS),
+    lambda: pipeline.unlabeled_stream(labeled_source(), **TRAINING_STREAM_ARGS),
+    lambda: pipeline.eval_stream(labeled_source(), batch_size=2, crop_size=16,
+                                 ignore_label=IGNORE),
+], ids=["labeled", "unlabeled", "eval"])
+def test_streams_run_no_autotuning_thread_that_their_release_would_wait_for(make_stream):
+  # An autotuned iterator's release can wait out the model thread's sleep (up to a minute,
+  # pipeline._stream_options): finished training processes lingered 10-50 s after their last line.
+  # Checked on what as_numpy_batches iterates, its own prefetch included.
+  stream = make_stream().prefetch(pipeline.AUTOTUNE)
+  assert stream.options().autotune.enabled is False
+  assert stream.options().deterministic is True
