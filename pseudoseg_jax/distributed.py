@@ -138,8 +138,8 @@ def process_0_first(prepare: Callable[[], Result],
   import jax
   if jax.process_count() == 1:
     return prepare()
-  from jax._src import distributed as jax_distributed  # Its client: as orbax's barriers do.
+  import orbax.checkpoint as ocp  # Its public barrier on the coordination service's client.
   result = prepare() if jax.process_index() == 0 else None
-  jax_distributed.global_state.client.wait_at_barrier("pseudoseg_jax_process_0_prepared",
-                                                      timeout_in_ms=timeout_s * 1000)
+  barrier = ocp.multihost.get_barrier_sync_fn()
+  barrier(key="pseudoseg_jax_process_0_prepared", timeout_ms=timeout_s * 1000)
   return result if jax.process_index() == 0 else prepare()
