@@ -38,6 +38,7 @@ import numpy as np
 
 from pseudoseg_jax import checkpointing, paths, sharding, steps
 from pseudoseg_jax import config as config_lib
+from pseudoseg_jax.data import datasets
 from pseudoseg_jax.models.resize import resize_bilinear
 from pseudoseg_jax.writers import log
 
@@ -95,28 +96,11 @@ def class_names_of(config: ml_collections.ConfigDict, workdir: str) -> tuple:
     except (OSError, json.JSONDecodeError):
       pass  # A results file is a convenience here; the fallbacks below still name the classes.
   candidates.append(config.data.class_names)
-  candidates.append(dataset_class_names(config))
+  candidates.append(datasets.class_names(config))
   for names in candidates:
     if names and len(names) == num_classes:
       return tuple(str(name) for name in names)
   return tuple(f"class_{index}" for index in range(num_classes))
-
-
-def dataset_class_names(config: ml_collections.ConfigDict) -> tuple | None:
-  name = config.data.name
-  if name.startswith("synthetic_shapes"):
-    from pseudoseg_jax.data.datasets import synthetic_shapes
-    return synthetic_shapes.CLASS_NAMES
-  if name in ("voc", "coco_voc"):
-    from pseudoseg_jax.data.datasets import voc
-    return voc.CLASS_NAMES
-  if name == "coco":
-    from pseudoseg_jax.data.datasets import coco
-    return coco.CLASS_NAMES
-  if name == "folder" and config.data.root and paths.isdir(config.data.root):
-    from pseudoseg_jax.data.datasets import folder
-    return folder.read_class_names_file(config.data.root)
-  return None
 
 
 # ---------------------------------------------------------------- which checkpoint

@@ -354,6 +354,14 @@ def test_load_coco_on_a_prepared_builder(prepared_data_dir, tmp_path, panoptic, 
   assert coco.load_coco(_config(prepared_data_dir, num_labeled=2)).num_unlabeled == 1
 
 
+def test_split_scan_runs_without_autotuning(prepared_data_dir):
+  # An autotuned iterator's release can wait out its model thread's sleep (pipeline.stream_options).
+  builder = coco.prepared_builder(_config(prepared_data_dir))
+  assert coco.ids_and_labels(builder, "validation").options().autotune.enabled is False
+  index = coco.scan_split(builder, "validation", coco.thing_of_label(coco.label_names(builder)))
+  assert sorted(index.ids) == ["000000142238", "000000439180"]
+
+
 def test_load_coco_refuses_a_list_id_missing_from_train(prepared_data_dir, tmp_path):
   labeled_list = tmp_path / "bad.txt"
   labeled_list.write_text("train2017/000000000002\ntrain2017/000000999999\n")

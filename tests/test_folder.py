@@ -385,7 +385,7 @@ def test_two_pseudoseg_steps_through_the_cli(tmp_path, sample_data_dir):
   assert returncode == 0, output[-3000:]
   assert "2 labeled, 2 unlabeled, 1 val images; 21 classes" in output
   # 2-3 s of printing and interpreter teardown; released tf.data iterators used to hold the
-  # process 10-50 s longer (pipeline._stream_options).
+  # process 10-50 s longer (pipeline.stream_options).
   assert linger is not None, "No 'Final val/miou' line:\n" + output[-3000:]
   assert linger < 15, f"The process exited {linger:.0f} s after its last log line."
   with open(workdir / "results.json") as f:

@@ -19,6 +19,7 @@ from PIL import Image, ImageOps
 
 from configs import demo
 from pseudoseg_jax import checkpointing, inference, predict, steps, train, visualize
+from pseudoseg_jax.data.datasets import coco, synthetic_shapes, voc
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WINDOW = 97  # demo's eval crop: 4k + 1.
@@ -127,8 +128,21 @@ def test_every_photo_gets_a_palette_mask_an_overlay_and_class_fractions(predicti
 
 
 def model_class_names():
-  from pseudoseg_jax.data.datasets import synthetic_shapes
   return synthetic_shapes.CLASS_NAMES
+
+
+def test_class_names_fall_back_on_the_dataset_table_without_loading_it(tmp_path):
+  config = tiny_config()  # No results.json in tmp_path, no config.data.class_names.
+  for name, num_classes, expected in (("synthetic_shapes", 8, synthetic_shapes.CLASS_NAMES),
+                                      ("voc", 21, voc.CLASS_NAMES), ("coco", 81, coco.CLASS_NAMES),
+                                      ("coco_voc", 21, voc.CLASS_NAMES)):
+    config.data.name, config.data.num_classes = name, num_classes
+    assert inference.class_names_of(config, str(tmp_path)) == expected
+  (tmp_path / "classes.txt").write_text("sky\nsea\nsand\n")
+  config.data.name, config.data.root, config.data.num_classes = "folder", str(tmp_path), 3
+  assert inference.class_names_of(config, str(tmp_path)) == ("sky", "sea", "sand")
+  config.data.root = str(tmp_path / "moved")  # The data may be gone since training.
+  assert inference.class_names_of(config, str(tmp_path)) == ("class_0", "class_1", "class_2")
 
 
 def test_masks_differ_between_pixels(prediction):

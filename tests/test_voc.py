@@ -242,6 +242,12 @@ def test_source_with_a_split_list_and_the_unlabeled_rest(voc_builder, tmp_path):
   assert [e["id"].decode() for e in source.labeled.as_numpy_iterator()] == labeled
 
 
+def test_split_ids_are_read_without_autotuning(voc_builder):
+  # An autotuned iterator's release can wait out its model thread's sleep (pipeline.stream_options).
+  assert voc.split_id_dataset(voc_builder, "val").options().autotune.enabled is False
+  assert sorted(voc.read_split_ids(voc_builder, "val")) == sorted(VAL_IDS)
+
+
 def test_source_rejects_unknown_ids_and_wrong_class_count(voc_builder, tmp_path):
   split_list = tmp_path / "labeled.txt"
   _write_lines(split_list, ["2011_000006", "2099_123456"])

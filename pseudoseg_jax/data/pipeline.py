@@ -233,7 +233,7 @@ def _training_stream(dataset: tf.data.Dataset, read_example: Callable, augment_e
 
   ds = ds.map(without_autograph(augment_indexed), num_parallel_calls=AUTOTUNE, deterministic=True)
   ds = ds.batch(batch_size, drop_remainder=True)
-  return ds.with_options(_stream_options()).prefetch(AUTOTUNE)
+  return ds.with_options(stream_options()).prefetch(AUTOTUNE)
 
 
 def _weak_view(window, mask, geometry: augment.Geometry, *, ignore_label: int,
@@ -289,7 +289,7 @@ def eval_stream(dataset: tf.data.Dataset, *, batch_size: int, crop_size: augment
   ds = ds.take(shard_size).concatenate(
       tf.data.Dataset.from_tensors(dummy_eval_example(crop_size, ignore_label)).repeat())
   ds = ds.take(num_batches * batch_size).batch(batch_size, drop_remainder=True)
-  return ds.with_options(_stream_options()).prefetch(AUTOTUNE)
+  return ds.with_options(stream_options()).prefetch(AUTOTUNE)
 
 
 def eval_batches_per_process(num_examples: int, batch_size: int, process_count: int) -> int:
@@ -369,8 +369,9 @@ def _label_dtype(label: int) -> tf.DType:
   return tf.uint8 if 0 <= label <= 255 else tf.int32
 
 
-def _stream_options() -> tf.data.Options:
-  """The options of every stream here: deterministic order, and no autotuning model thread.
+def stream_options() -> tf.data.Options:
+  """The options of every dataset this project iterates (the streams here, the loaders' scans of
+  a split): deterministic order, and no autotuning model thread.
 
   An autotuned iterator runs a model thread that sleeps between optimizations, twice as long
   each time up to 60 s, and releasing the iterator joins that thread. The release is meant to cut

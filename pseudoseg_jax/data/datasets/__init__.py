@@ -1,37 +1,22 @@
 """Data sources: which tf.data.Datasets of raw examples a config trains and evaluates on.
 
 Every source yields dicts with 'id' (string), 'image' (uint8 [H, W, 3]) and 'mask' (uint8
-[H, W, 1], class indices, ignore label in void areas); the pipeline does the rest. One function per
-source, chosen by config.data.name with a plain if: no registry to hide the flow.
+[H, W, 1], class indices, ignore label in void areas); the pipeline does the rest. One loader per
+source (a module each; synthetic_shapes's is here), chosen by config.data.name from the one plain
+table DATASETS below: no registry to hide the flow. The Source they return is in source.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable, Optional
 
 import ml_collections
-import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from pseudoseg_jax.data.datasets import coco, folder, synthetic_shapes, voc
+from pseudoseg_jax.data.datasets.source import Source, read_config
 from pseudoseg_jax.writers import log
-
-SOURCES = ("synthetic_shapes", "synthetic_shapes/tiny", "voc", "coco", "coco_voc", "folder")
-
-
-@dataclasses.dataclass(frozen=True)
-class Source:
-  labeled: tf.data.Dataset  # Pixel-labeled training images.
-  eval: tf.data.Dataset
-  num_labeled: int
-  num_eval: int
-  class_names: tuple
-  # PseudoSeg's pool of extra images. Their masks, where a source has them, serve only to derive
-  # image-level labels (weakly-labeled setting) and to monitor pseudo-label accuracy.
-  unlabeled: tf.data.Dataset | None = None
-  num_unlabeled: int = 0
-  # False when the unlabeled images come without masks (a user's folder): then there are no
-  # image-level labels for PseudoSeg's weakly-labeled setting and no pseudo-label accuracy.
-  unlabeled_has_masks: bool = True
 
 
 def _check_num_classes(config: ml_collections.ConfigDict, class_names: tuple) -> None:
@@ -48,18 +33,11 @@ def _split_with_limit(split: str, num_labeled: int, pool_size: int, name: str) -
   return f"{split}[:{num_labeled}]" if num_labeled else split
 
 
-def _read_config() -> tfds.ReadConfig:
-  # Deterministic file order: the pipeline shuffles with its own seed.
-  return tfds.ReadConfig(shuffle_seed=0, interleave_cycle_length=1)
-
-
 def load_synthetic_shapes(config: ml_collections.ConfigDict) -> Source:
   """The embedded dataset, generated into data_dir on first use (well under a minute).
 
   'synthetic_shapes/tiny' is a 40 + 20 image variant for tests.
   """
-  from pseudoseg_jax.data.datasets import synthetic_shapes
-
   _, _, builder_config = config.data.name.partition("/")
   builder = synthetic_shapes.SyntheticShapes(config=builder_config or "default",
                                              data_dir=config.data.data_dir or None)
@@ -90,20 +68,49 @@ def load_synthetic_shapes(config: ml_collections.ConfigDict) -> Source:
     unlabeled_split = f"{unlabeled_split}[{config.data.num_labeled}:]"
   return Source(
       labeled=builder.as_dataset(split=labeled_split, shuffle_files=False,
-                                 read_config=_read_config()),
+                                 read_config=read_config()),
       eval=builder.as_dataset(split=config.data.eval_split, shuffle_files=False,
-                              read_config=_read_config()),
+                              read_config=read_config()),
       num_labeled=splits[labeled_split].num_examples,
       num_eval=splits[config.data.eval_split].num_examples,
       class_names=tuple(synthetic_shapes.CLASS_NAMES),
       unlabeled=builder.as_dataset(split=unlabeled_split, shuffle_files=False,
-                                   read_config=_read_config()),
+                                   read_config=read_config()),
       num_unlabeled=splits[unlabeled_split].num_examples,
   )
 
 
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+  """What config.data.name selects."""
+  load: Callable[[ml_collections.ConfigDict], Source]
+  # The class names known without loading the data (None where only the data would tell): what a
+  # trained model's outputs are called when its data may be gone.
+  class_names: Callable[[ml_collections.ConfigDict], Optional[tuple]]
+
+
+def _fixed_class_names(class_names: tuple) -> Callable[[ml_collections.ConfigDict], tuple]:
+  return lambda config: tuple(class_names)
+
+
+DATASETS = {
+    "synthetic_shapes": Dataset(load_synthetic_shapes,
+                                _fixed_class_names(synthetic_shapes.CLASS_NAMES)),
+    "synthetic_shapes/tiny": Dataset(load_synthetic_shapes,
+                                     _fixed_class_names(synthetic_shapes.CLASS_NAMES)),
+    "voc": Dataset(voc.load_voc, _fixed_class_names(voc.CLASS_NAMES)),
+    "coco": Dataset(coco.load_coco, _fixed_class_names(coco.CLASS_NAMES)),
+    "coco_voc": Dataset(coco.load_coco_voc, _fixed_class_names(voc.CLASS_NAMES)),
+    "folder": Dataset(folder.load_folder, folder.class_names_in_root),
+}
+SOURCES = tuple(DATASETS)
+
+
 def load_source(config: ml_collections.ConfigDict) -> Source:
-  source = _load_by_name(config)
+  if config.data.name not in DATASETS:
+    raise ValueError(f"config.data.name={config.data.name!r} is not a known dataset; "
+                     f"known: {', '.join(SOURCES)}.")
+  source = DATASETS[config.data.name].load(config)
   if (config.method == "pseudoseg" and config.pseudoseg.weak_labels
       and not source.unlabeled_has_masks):
     raise ValueError(
@@ -112,21 +119,7 @@ def load_source(config: ml_collections.ConfigDict) -> Source:
   return source
 
 
-def _load_by_name(config: ml_collections.ConfigDict) -> Source:
-  name = config.data.name
-  if name.startswith("synthetic_shapes") and name in SOURCES:
-    return load_synthetic_shapes(config)
-  if name == "voc":
-    from pseudoseg_jax.data.datasets import voc
-    return voc.load_voc(config)
-  if name == "coco":
-    from pseudoseg_jax.data.datasets import coco
-    return coco.load_coco(config)
-  if name == "coco_voc":
-    from pseudoseg_jax.data.datasets import coco
-    return coco.load_coco_voc(config)
-  if name == "folder":
-    from pseudoseg_jax.data.datasets import folder
-    return folder.load_folder(config)
-  raise ValueError(f"config.data.name={config.data.name!r} is not a known dataset; "
-                   f"known: {', '.join(SOURCES)}.")
+def class_names(config: ml_collections.ConfigDict) -> Optional[tuple]:
+  """The class names of config.data.name's dataset without loading it; None if unknown."""
+  dataset = DATASETS.get(config.data.name)
+  return dataset.class_names(config) if dataset else None

@@ -28,7 +28,9 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from pseudoseg_jax.data.datasets import subsets
+from pseudoseg_jax.data import pipeline
+from pseudoseg_jax.data.datasets import subsets, voc
+from pseudoseg_jax.data.datasets.source import Source, read_config
 from pseudoseg_jax.writers import log
 
 BUILDER_NAME = "coco/2017_panoptic"
@@ -193,15 +195,21 @@ class SplitIndex:
 def scan_split(builder: tfds.core.DatasetBuilder, split: str,
                thing_of_label_index: np.ndarray) -> SplitIndex:
   """Ids and present things of every record of a split, reading no image."""
-  dataset = builder.as_dataset(split=split, shuffle_files=False, decoders=_SKIP_IMAGE_DECODING)
-  dataset = dataset.map(lambda e: (example_id(e["image/filename"]), e["panoptic_objects"]["label"]),
-                        num_parallel_calls=tf.data.AUTOTUNE)
   ids, things = [], []
-  for image_id, labels in dataset.as_numpy_iterator():
+  for image_id, labels in ids_and_labels(builder, split).as_numpy_iterator():
     ids.append(image_id.decode())
     present = np.unique(thing_of_label_index[labels])
     things.append([int(thing) for thing in present if thing])
   return SplitIndex(ids, things)
+
+
+def ids_and_labels(builder: tfds.core.DatasetBuilder, split: str) -> tf.data.Dataset:
+  """(id, panoptic label indices) of each record of a split, images left encoded; with the streams'
+  options (no autotuning thread for the iterator's release to wait on)."""
+  dataset = builder.as_dataset(split=split, shuffle_files=False, decoders=_SKIP_IMAGE_DECODING)
+  dataset = dataset.map(lambda e: (example_id(e["image/filename"]), e["panoptic_objects"]["label"]),
+                        num_parallel_calls=tf.data.AUTOTUNE)
+  return dataset.with_options(pipeline.stream_options())
 
 
 def split_index(builder: tfds.core.DatasetBuilder, split: str,
@@ -240,8 +248,7 @@ def _slim_encoded(example: Mapping) -> dict:
 def semantic_examples(builder: tfds.core.DatasetBuilder, split: str, class_of_label: np.ndarray,
                       ids: Optional[Sequence[str]] = None) -> tf.data.Dataset:
   """{'id', 'image', 'mask'} of a split, or of `ids` only, filtered before any image is decoded."""
-  read_config = tfds.ReadConfig(shuffle_seed=0, interleave_cycle_length=1)
-  encoded = builder.as_dataset(split=split, shuffle_files=False, read_config=read_config,
+  encoded = builder.as_dataset(split=split, shuffle_files=False, read_config=read_config(),
                                decoders=_SKIP_IMAGE_DECODING).map(_slim_encoded)
   if ids is not None:
     encoded = subsets.keep_ids_cached(encoded, ids,
@@ -278,10 +285,8 @@ def _unlabeled_images(config: ml_collections.ConfigDict, builder: tfds.core.Data
   return semantic_examples(builder, split, class_of_label, subsets.subset_or_all(ids, pool_ids)), len(ids)
 
 
-def load_coco(config: ml_collections.ConfigDict):
+def load_coco(config: ml_collections.ConfigDict) -> Source:
   """The 81-class Source: labeled images from train_split, unlabeled from unlabeled_split."""
-  from pseudoseg_jax.data import datasets  # The Source type; imported here to avoid a cycle.
-
   data = config.data
   check_num_classes(config, NUM_CLASSES, "background + the 80 COCO things")
   builder = prepared_builder(config)
@@ -297,7 +302,7 @@ def load_coco(config: ml_collections.ConfigDict):
   unlabeled, num_unlabeled = _unlabeled_images(config, builder, unlabeled_split, labeled_ids,
                                                things, class_of_label)
   _check_unlabeled_pool(config, num_unlabeled, f"{BUILDER_NAME} split '{unlabeled_split}'")
-  return datasets.Source(
+  return Source(
       labeled=semantic_examples(builder, data.train_split, class_of_label,
                                 subsets.subset_or_all(labeled_ids, pool_ids)),
       eval=semantic_examples(builder, data.eval_split, class_of_label),
@@ -349,13 +354,10 @@ def _check_voc_splits(config: ml_collections.ConfigDict, voc_unlabeled_split: Op
                      f"split the model is evaluated on (config.data.eval_split).")
 
 
-def load_coco_voc(config: ml_collections.ConfigDict):
+def load_coco_voc(config: ml_collections.ConfigDict) -> Source:
   """The 21-class cross-dataset Source: COCO train images with VOC classes labeled, the other COCO
   train images (plus VOC's train_aug with unlabeled_split='train+voc_train_aug') unlabeled, VOC val
   (config.data.eval_split) to evaluate."""
-  from pseudoseg_jax.data import datasets
-  from pseudoseg_jax.data.datasets import voc
-
   data = config.data
   check_num_classes(config, len(voc.CLASS_NAMES), "PASCAL VOC's background + 20")
   coco_unlabeled_split, voc_unlabeled_split = parse_unlabeled_split(data.unlabeled_split,
@@ -384,7 +386,7 @@ def load_coco_voc(config: ml_collections.ConfigDict):
     num_unlabeled += num_voc_images
   _check_unlabeled_pool(config, num_unlabeled, f"unlabeled_split {data.unlabeled_split!r}")
   eval_images, num_eval = voc.load_voc_split(config, data.eval_split)
-  return datasets.Source(
+  return Source(
       labeled=semantic_examples(builder, data.train_split, class_of_label,
                                 subsets.subset_or_all(labeled_ids, train_index.ids)),
       eval=eval_images,

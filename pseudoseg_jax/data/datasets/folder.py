@@ -48,6 +48,7 @@ from PIL import Image
 
 from pseudoseg_jax import paths
 from pseudoseg_jax.data.datasets import label_files, subsets
+from pseudoseg_jax.data.datasets.source import Source
 from pseudoseg_jax.writers import log
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
@@ -135,6 +136,13 @@ def read_class_names_file(root: str) -> Optional[tuple]:
   if len(names) < 2:
     raise ValueError(f"{path} must name at least two classes (background first), one per line.")
   return names
+
+
+def class_names_in_root(config: ml_collections.ConfigDict) -> Optional[tuple]:
+  """ROOT/classes.txt's names where config.data.root is a folder, else None: a trained model's
+  classes are named from here, and its data may have moved since."""
+  root = config.data.root
+  return read_class_names_file(root) if root and paths.isdir(root) else None
 
 
 def resolve_class_names(data: ml_collections.ConfigDict) -> tuple:
@@ -282,10 +290,8 @@ def examples_dataset(examples: Sequence[FolderExample]) -> tf.data.Dataset:
 
 
 # ---------------------------------------------------------------- the source
-def load_folder(config: ml_collections.ConfigDict):
-  """The datasets.Source of the folder config.data.root (see the module docstring)."""
-  from pseudoseg_jax.data import datasets  # The Source type; imported here to avoid a cycle.
-
+def load_folder(config: ml_collections.ConfigDict) -> Source:
+  """The Source of the folder config.data.root (see the module docstring)."""
   data = config.data
   root = require_root(data.root)
   if not 0 <= data.ignore_label <= 255 or data.num_classes > 256:
@@ -322,7 +328,7 @@ def load_folder(config: ml_collections.ConfigDict):
     unlabeled = checked(ids.unlabeled, "the unlabeled images", with_masks=unlabeled_has_masks)
   log.info("Folder %s: %d labeled, %d unlabeled, %d val images; %d classes (%s).", root,
            len(labeled), len(unlabeled or ()), len(val), len(class_names), ", ".join(class_names))
-  return datasets.Source(
+  return Source(
       labeled=examples_dataset(labeled), eval=examples_dataset(val), num_labeled=len(labeled),
       num_eval=len(val), class_names=class_names,
       unlabeled=examples_dataset(unlabeled) if unlabeled else None,

@@ -30,7 +30,9 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from pseudoseg_jax import paths
+from pseudoseg_jax.data import pipeline
 from pseudoseg_jax.data.datasets import label_files, subsets
+from pseudoseg_jax.data.datasets.source import Source, read_config
 
 CLASS_NAMES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat",
                "chair", "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant",
@@ -257,8 +259,14 @@ def prepared_builder(config: ml_collections.ConfigDict) -> VocAug:
 
 def read_split_ids(builder: tfds.core.DatasetBuilder, split: str) -> list[str]:
   """The ids of a prepared split, read without decoding any image."""
+  return [i.decode() for i in split_id_dataset(builder, split).as_numpy_iterator()]
+
+
+def split_id_dataset(builder: tfds.core.DatasetBuilder, split: str) -> tf.data.Dataset:
+  """The ids of a split's records, images left encoded; with the streams' options (no autotuning
+  thread for the iterator's release to wait on)."""
   dataset = builder.as_dataset(split=split, shuffle_files=False, decoders=_skip_image_decoding())
-  return [i.decode() for i in dataset.map(lambda example: example["id"]).as_numpy_iterator()]
+  return dataset.map(lambda example: example["id"]).with_options(pipeline.stream_options())
 
 
 def _skip_image_decoding() -> dict:
@@ -273,11 +281,10 @@ def examples_with_ids(builder: tfds.core.DatasetBuilder, split: str,
   epochs do not rescan the split for it; a larger one (the unlabeled pool minus the labeled
   images) is filtered on every pass, which costs little as most records are kept.
   """
-  read_config = tfds.ReadConfig(shuffle_seed=0, interleave_cycle_length=1)
   if ids is None:
-    return builder.as_dataset(split=split, shuffle_files=False, read_config=read_config)
+    return builder.as_dataset(split=split, shuffle_files=False, read_config=read_config())
   encoded = subsets.keep_ids_cached(
-      builder.as_dataset(split=split, shuffle_files=False, read_config=read_config,
+      builder.as_dataset(split=split, shuffle_files=False, read_config=read_config(),
                          decoders=_skip_image_decoding()),
       ids, split_size=builder.info.splits[split].num_examples, max_cached_share=0.5)
   features = builder.info.features
@@ -301,10 +308,8 @@ def _check_split(split: str, field: str) -> None:
                      f"(splits: {', '.join(SPLITS)}).")
 
 
-def load_voc(config: ml_collections.ConfigDict):
+def load_voc(config: ml_collections.ConfigDict) -> Source:
   """The Source of config.data: labeled images from train_split, unlabeled from unlabeled_split."""
-  from pseudoseg_jax.data import datasets  # The Source type; imported here to avoid a cycle.
-
   data = config.data
   if data.num_classes != NUM_CLASSES:
     raise ValueError(f"config.data.num_classes={data.num_classes} but PASCAL VOC has "
@@ -324,7 +329,7 @@ def load_voc(config: ml_collections.ConfigDict):
   if not unlabeled_ids:
     raise ValueError(f"The unlabeled pool is empty: every image of voc split '{unlabeled_split}' "
                      f"is labeled (set config.data.unlabeled_includes_labeled=True to reuse them).")
-  return datasets.Source(
+  return Source(
       labeled=examples_with_ids(builder, data.train_split, subsets.subset_or_all(labeled_ids, pool_ids)),
       eval=examples_with_ids(builder, data.eval_split),
       num_labeled=len(labeled_ids),
