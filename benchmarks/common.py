@@ -171,7 +171,7 @@ def jitted_train_step(config: ml_collections.ConfigDict, graphdef, state, mesh):
 def in_memory_source(num_classes: int, *, num_images: int = 4, height: int = 375,
                      width: int = 500, seed: int = 0):
   """A datasets.Source of VOC-sized random images and masks held in memory, for the trainer's own
-  streams (train.training_batches) without a disk or a download. Pixel values do not change the
+  streams (streams.training_batches) without a disk or a download. Pixel values do not change the
   cost of the jitted step: nothing in it branches on data."""
   import tensorflow as tf
   from pseudoseg_jax.data import datasets

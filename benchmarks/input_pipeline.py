@@ -17,7 +17,7 @@ Rates: each stream alone, consumed as fast as it comes, after --warmup batches, 
 work confined to N threads for each N of --threads (0 = the trainer's defaults, all cores);
 CPU seconds per item come from the process's own CPU time over the same window.
 
-Waiting: train.training_batches (the trainer's zipped, prefetched streams) consumed by a loop of
+Waiting: streams.training_batches (the trainer's zipped, prefetched streams) consumed by a loop of
 train.run's shape: next(), sharding.to_global, then a stand-in step, waited for each time, so
 that time in next() is time the device would sit idle. --stand_in=sleep holds the host for
 --step_seconds without using a core (an accelerator's step); --stand_in=train_step runs the real
@@ -51,8 +51,8 @@ import tensorflow as tf
 from PIL import Image
 
 from pseudoseg_jax import config as config_lib
-from pseudoseg_jax import sharding, train
-from pseudoseg_jax.data import datasets, pipeline
+from pseudoseg_jax import sharding
+from pseudoseg_jax.data import datasets, pipeline, streams
 from pseudoseg_jax.data.datasets import folder
 
 VOC_SAMPLE = os.path.join("voc2012_mini", "VOCdevkit", "VOC2012")
@@ -262,7 +262,7 @@ def stand_in_step(args, mesh):
 def wait_fraction(args, config, source, mesh) -> dict:
   """train.run's loop (next, to_global, step) with a stand-in step, each step waited for."""
   step, description = stand_in_step(args, mesh)
-  batches = train.training_batches(config, source, mesh, start_step=0)
+  batches = streams.training_batches(config, source, mesh, start_step=0)
   waits, transfers, walls = [], [], []
   for index in range(args.wait_warmup + args.wait_steps):
     started = time.perf_counter()

@@ -9,7 +9,7 @@
 The step is the trainer's own: the config file (default the demo's PseudoSeg settings) with the
 model, crop, batch and optimizer above, the state from steps.create_train_state, the jit of
 train.run (state replicated and donated, batch split over the mesh), fed one batch that the
-trainer's own streams (train.training_batches) made from VOC-sized images in memory. Timed steps reuse that batch on
+trainer's own streams (streams.training_batches) made from VOC-sized images in memory. Timed steps reuse that batch on
 the device, so input costs nothing here (benchmarks/input_pipeline.py measures it).
 
 Prints one JSON line on stdout (progress on stderr); BENCHMARKS.md explains every field. Expect
@@ -36,7 +36,8 @@ import common  # benchmarks/common.py; imported first: it quiets TensorFlow.
 import jax
 from flax import nnx
 
-from pseudoseg_jax import sharding, steps, train
+from pseudoseg_jax import sharding, steps
+from pseudoseg_jax.data import streams
 from pseudoseg_jax.models import conv
 
 # UniMatch's FixMatch step (same DeepLabv3+ ResNet-50, OS 16, crop 321, 2 + 2, fp32), torch 2.13 on
@@ -91,7 +92,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 def one_batch(config, mesh) -> dict:
   """The first batch of the trainer's own streams, as global arrays on the mesh."""
   source = common.in_memory_source(config.data.num_classes)
-  batches = train.training_batches(config, source, mesh, start_step=0)
+  batches = streams.training_batches(config, source, mesh, start_step=0)
   local_batch = next(batches)
   # Ends the streams' background threads, which would otherwise compete with the timed steps.
   del batches

@@ -35,7 +35,7 @@ import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from pseudoseg_jax import evaluation, inference, sharding, steps  # noqa: E402
+from pseudoseg_jax import evaluation, inference, sharding, steps, workdirs  # noqa: E402
 from pseudoseg_jax.data import augment, datasets, pipeline  # noqa: E402
 from pseudoseg_jax.writers import log  # noqa: E402
 
@@ -105,7 +105,8 @@ def larger_than_crop_by_shape(dataset: tf.data.Dataset, config: ml_collections.C
 # ---------------------------------------------------------------- windows: scales, flip, any size
 def labeled_images(dataset: tf.data.Dataset):
   """(mask [H, W], normalized image [H, W, 3]) for each raw example of a source."""
-  for example in dataset.prefetch(tf.data.AUTOTUNE).as_numpy_iterator():
+  scan = dataset.prefetch(tf.data.AUTOTUNE).with_options(pipeline.stream_options())
+  for example in scan.as_numpy_iterator():
     mask = np.asarray(example["mask"]).reshape(example["image"].shape[:2])
     yield mask, inference.normalize_image(example["image"])
 
@@ -130,8 +131,6 @@ def run(workdir: str, *, split: str | None = None, scales: Sequence[float] = (1.
         flip: bool = False, checkpoint: str | None = None, batch_size: int = 0,
         window_stride: float = inference.DEFAULT_WINDOW_STRIDE) -> dict:
   """Evaluates, prints the table, writes eval_SPLIT.json into `workdir`, returns its contents."""
-  from pseudoseg_jax.train import write_json  # The trainer's atomic JSON writer.
-
   started = time.perf_counter()
   if split:
     check_split_name(split)  # Before the restore: a bad flag costs nothing.
@@ -170,7 +169,7 @@ def run(workdir: str, *, split: str | None = None, scales: Sequence[float] = (1.
   }
   print(evaluation.iou_table(confusion, source.class_names))
   path = results_path(workdir, split)
-  write_json(path, results)
+  workdirs.write_json(path, results)
   log.info("mIoU %.4f on '%s' at step %d in %.0f s (%s).", results["miou"], split, model.step,
            time.perf_counter() - started, path)
   return results

@@ -27,7 +27,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
-import json
 import os
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -36,67 +35,22 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from pseudoseg_jax import checkpointing, paths, sharding, steps
+from pseudoseg_jax import checkpointing, paths, sharding, steps, workdirs
 from pseudoseg_jax import config as config_lib
 from pseudoseg_jax.data import datasets
 from pseudoseg_jax.models.resize import resize_bilinear
 from pseudoseg_jax.writers import log
 
-CONFIG_FILE = "config.json"  # train.CONFIG_FILE; not imported, to keep the trainer out of predict.
-RESULTS_FILE = "results.json"
 DEFAULT_WINDOW_STRIDE = 2 / 3  # Of the window side: each pixel is seen by one to four windows.
 
 
 # ---------------------------------------------------------------- the config of a workdir
-def config_from_dict(saved: dict) -> ml_collections.ConfigDict:
-  """base_config() with the saved values: fields added since the run keep their defaults, JSON lists
-  become the tuples the schema holds. Saved fields the schema no longer has are dropped, named."""
-  config = config_lib.base_config()
-
-  def overlay(section: ml_collections.ConfigDict, values: dict, prefix: str) -> None:
-    for name, value in values.items():
-      if name not in section:
-        log.info("Ignoring %s%s from the saved config: not a config field any more.", prefix, name)
-      elif isinstance(section[name], ml_collections.ConfigDict):
-        overlay(section[name], value, f"{prefix}{name}.")
-      elif isinstance(section[name], tuple) and isinstance(value, list):
-        section[name] = tuple(value)
-      else:
-        section[name] = value
-
-  overlay(config, saved, "")
-  return config
-
-
-def read_config(workdir: str) -> ml_collections.ConfigDict:
-  path = os.path.join(workdir, CONFIG_FILE)
-  if not paths.exists(path):
-    raise FileNotFoundError(f"{path} does not exist: --workdir must be a directory written by "
-                            "`python -m pseudoseg_jax.main` (config.json and checkpoints/).")
-  try:
-    with paths.open(path) as f:
-      saved = json.load(f)
-  except (OSError, json.JSONDecodeError) as error:
-    raise ValueError(f"Cannot read {path}: {error}") from error
-  config = config_from_dict(saved)
-  config_lib.validate(config)
-  return config
-
-
 def class_names_of(config: ml_collections.ConfigDict, workdir: str) -> tuple:
   """The names the run was trained with: results.json's, else the config's, else the dataset's,
   else 'class_0', 'class_1', ... (never loads the dataset itself)."""
   num_classes = config.data.num_classes
-  candidates = []
-  results_path = os.path.join(workdir, RESULTS_FILE)
-  if paths.exists(results_path):
-    try:
-      with paths.open(results_path) as f:
-        candidates.append(json.load(f).get("class_names"))
-    except (OSError, json.JSONDecodeError):
-      pass  # A results file is a convenience here; the fallbacks below still name the classes.
-  candidates.append(config.data.class_names)
-  candidates.append(datasets.class_names(config))
+  results = workdirs.read_results(workdir) or {}
+  candidates = [results.get("class_names"), config.data.class_names, datasets.class_names(config)]
   for names in candidates:
     if names and len(names) == num_classes:
       return tuple(str(name) for name in names)
@@ -154,7 +108,7 @@ def zeros_like_train_state(config: ml_collections.ConfigDict, placement) -> tupl
 
 def restore(workdir: str, checkpoint: str | None = None, mesh=None) -> TrainedModel:
   """The model of `workdir` (its config.json) with the weights of `checkpoint` (default: latest)."""
-  config = read_config(workdir)
+  config = workdirs.read_config(workdir)
   checkpoints_workdir, step = resolve_checkpoint(workdir, checkpoint)
   folder = checkpointing.checkpoint_dir(checkpoints_workdir)
   if not paths.isdir(folder):

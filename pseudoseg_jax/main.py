@@ -42,10 +42,10 @@ def main(argv):
   distributed.initialize(job)  # Before anything touches a JAX backend.
   import tensorflow as tf
   tf.config.set_visible_devices([], "GPU")
-  from pseudoseg_jax import train  # Imported after flag parsing so --help stays fast.
+  from pseudoseg_jax import train, workdirs  # Imported after flag parsing: --help stays fast.
   results = train.run(_CONFIG.value, _WORKDIR.value)
   print(f"val/miou = {results['val/miou']:.4f} at step {results['step']} "
-        f"(results in {os.path.join(_WORKDIR.value, train.RESULTS_FILE)})")
+        f"(results in {workdirs.results_path(_WORKDIR.value)})")
 
 
 def run():

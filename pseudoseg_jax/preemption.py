@@ -1,8 +1,12 @@
 """Preemption: TPU pods and clusters send SIGTERM before taking machines away.
 
-While `StopSignals` is entered, SIGTERM and SIGINT only set a flag; the training loop reads it
-between steps (every process agrees through `agreed_across_processes`), checkpoints the step in
-flight and raises `Preempted`, so that rerunning the same command resumes.
+One process: while `StopSignals` is entered, SIGTERM and SIGINT only set a flag, which the
+training loop reads between steps. Several processes (a pod, a cluster): JAX's preemption service
+(on by default with jax.distributed) catches SIGTERM on any host and, through the coordination
+service, picks one step at which every process stops (`should_stop`, orbax's
+CheckpointManager.reached_preemption): no per-step collective, so the hosts keep dispatching ahead
+of the devices. Either way the loop checkpoints that step and raises `Preempted`, so that rerunning
+the same command resumes.
 """
 
 from __future__ import annotations
@@ -11,8 +15,6 @@ import signal
 import threading
 
 import jax
-import numpy as np
-from jax.experimental import multihost_utils
 
 
 class Preempted(SystemExit):
@@ -38,15 +40,16 @@ class StopSignals:
   the signals keep their previous meaning.
   """
 
-  SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
   def __init__(self):
     self.received = None
     self._previous = {}
+    # With several processes JAX's preemption service owns SIGTERM (a handler of ours would
+    # replace its own), and a Ctrl-C stays an immediate KeyboardInterrupt.
+    self.signals = (signal.SIGTERM, signal.SIGINT) if jax.process_count() == 1 else ()
 
   def __enter__(self):
     if threading.current_thread() is threading.main_thread():
-      for signal_number in self.SIGNALS:
+      for signal_number in self.signals:
         self._previous[signal_number] = signal.signal(signal_number, self._handle)
     return self
 
@@ -62,13 +65,14 @@ class StopSignals:
     return False
 
 
-def agreed_across_processes(requested: bool) -> bool:
-  """True on every process if any process asks to stop.
+def should_stop(manager, step: int, stop_signals: StopSignals) -> bool:
+  """True once the run must checkpoint `step` and stop, the same step on every process.
 
   The checkpoint save is collective: a process that saved and left alone would leave the others
-  waiting in the next step's collectives. One all-gather of a flag per step (a host sync, so only
-  where there are several processes; a single process decides alone).
+  waiting in the next step's collectives. One process decides alone from its signal flag; several
+  ask the preemption sync point (`manager`: orbax's CheckpointManager), which every process must
+  ask at every step.
   """
   if jax.process_count() == 1:
-    return requested
-  return bool(np.any(multihost_utils.process_allgather(np.asarray(requested, np.int32))))
+    return stop_signals.received is not None
+  return manager.reached_preemption(step)

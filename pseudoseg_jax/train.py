@@ -8,8 +8,6 @@ checkpoint; a finished run only reports its results again.
 from __future__ import annotations
 
 import functools
-import json
-import os
 import signal
 import tempfile
 
@@ -19,16 +17,11 @@ import numpy as np
 
 from pseudoseg_jax import checkpointing, convert, distributed, evaluation, paths, preemption
 from pseudoseg_jax import sharding, steps
-from pseudoseg_jax import visualize, writers
+from pseudoseg_jax import visualize, workdirs, writers
 from pseudoseg_jax import config as config_lib
-from pseudoseg_jax.data import datasets, pipeline
+from pseudoseg_jax.data import datasets, pipeline, streams
 from pseudoseg_jax.models import normalization
 from pseudoseg_jax.writers import log
-
-CONFIG_FILE = "config.json"
-RESULTS_FILE = "results.json"
-LEARNING_CURVES_FILE = "learning_curves.png"
-
 
 class TrainingDiverged(RuntimeError):
   """A step's loss or gradient norm was not finite (and config.skip_nonfinite_steps is off)."""
@@ -76,44 +69,6 @@ def previously_skipped_steps(workdir: str) -> int:
   return int(counts[-1]) if counts else 0
 
 
-def check_workdir_matches(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """A workdir belongs to one model trained on one dataset: resuming it with another would mix
-  incompatible weights or data. Changes that only break bit-exact resumption are warned about."""
-  path = os.path.join(workdir, CONFIG_FILE)
-  if not paths.exists(path):
-    return
-  try:
-    with paths.open(path) as f:
-      saved = json.load(f)
-    if not isinstance(saved, dict):
-      raise ValueError("not a JSON object")
-  except (OSError, ValueError) as error:
-    raise ValueError(f"Cannot read {path} ({error}); it should hold the config of the run "
-                     "that wrote this workdir.") from error
-  current = config.to_dict()
-  for identity, what in ((config_lib.model_identity, "model or optimizer"),
-                         (config_lib.data_identity, "dataset")):
-    saved_values, current_values = identity(saved), identity(current)
-    for field, saved_value in saved_values.items():
-      if saved_value != current_values[field]:
-        raise ValueError(
-            f"{path} holds a run with {field}={saved_value!r}, but the config asks for "
-            f"{current_values[field]!r}. Use a new --workdir for a different {what}; nothing in "
-            f"{workdir} was changed.")
-  saved_values, current_values = (config_lib.stream_settings(saved),
-                                  config_lib.stream_settings(current))
-  changed = [f"{field}: {saved_values[field]!r} -> {current_values[field]!r}"
-             for field in saved_values if saved_values[field] != current_values[field]]
-  if changed:
-    log.warning("Resuming %s with changed %s: the run continues, but will not equal one that "
-                "ran uninterrupted with either config.", workdir, "; ".join(changed))
-
-
-def write_json(path: str, payload: dict) -> None:
-  """Written whole or not at all (paths.replace_file): a crash never leaves a truncated file."""
-  paths.replace_file(path, lambda f: json.dump(payload, f, indent=2))
-
-
 def evaluate(eval_fn, state: steps.TrainState, eval_batches, mesh) -> tuple[dict, np.ndarray]:
   """Accumulates the confusion matrix over the whole eval split; returns its summary (mIoU ...)
   and the matrix itself."""
@@ -136,49 +91,6 @@ def write_evaluation(writer: writers.MetricWriter, step: int, summary: dict,
   log.info("step %d: val/miou = %.4f", step, summary["val/miou"])
 
 
-def training_batches(config: ml_collections.ConfigDict, source: datasets.Source, mesh,
-                     start_step: int):
-  """Iterator of this process's batches: {'image', 'mask', ...} for the supervised method,
-  {'labeled': ..., 'unlabeled': ...} for PseudoSeg.
-
-  The streams are indexed by step: started at `start_step` (a resumed run) they yield exactly the
-  batches an uninterrupted run trains on from there, so the restored step is the data position.
-  Each stream is split into `config.data.stream_shards` shards (default: one per process); this
-  process reads its own shards and puts their batches side by side (`stream_shards_of`).
-  """
-  shards = stream_shards_of(config)
-  common = dict(crop_size=config.crop_size, scales=tuple(config.scales),
-                ignore_label=config.data.ignore_label, num_classes=config.data.num_classes,
-                process_count=total_stream_shards(config),
-                shuffle_buffer=config.data.shuffle_buffer, seed=config.seed,
-                start_batch=start_step)
-
-  def shard_batch_size(global_batch_size, field):
-    per_process = sharding.per_process_batch_size(global_batch_size, mesh, field)
-    if per_process % len(shards):
-      raise ValueError(f"config.{field}={global_batch_size} must be a multiple of "
-                       f"config.data.stream_shards ({total_stream_shards(config)}).")
-    return per_process // len(shards)
-
-  def side_by_side(make_stream):
-    streams = [pipeline.as_numpy_batches(make_stream(shard)) for shard in shards]
-    return streams[0] if len(streams) == 1 else map(concatenate_batches, *streams)
-
-  labeled = side_by_side(lambda shard: pipeline.labeled_stream(
-      source.labeled, num_examples=source.num_labeled, process_index=shard,
-      batch_size=shard_batch_size(config.batch_size, "batch_size"), **common))
-  if config.method != "pseudoseg":
-    return labeled
-  unlabeled = side_by_side(lambda shard: pipeline.unlabeled_stream(
-      source.unlabeled, num_examples=source.num_unlabeled, process_index=shard,
-      batch_size=shard_batch_size(config.pseudoseg.unlabeled_batch_size,
-                                  "pseudoseg.unlabeled_batch_size"),
-      strong_augment=config.pseudoseg.strong_augment, cutout_size=config.pseudoseg.cutout_size,
-      **common))
-  return ({"labeled": labeled_batch, "unlabeled": unlabeled_batch}
-          for labeled_batch, unlabeled_batch in zip(labeled, unlabeled))
-
-
 def make_train_fn(config: ml_collections.ConfigDict, graphdef, state, mesh):
   """The jitted train step, called as (state, batch, schedule_length(config, mesh)): the state
   replicated and donated, the batch split over 'data'. The schedule's length is an argument rather
@@ -193,34 +105,6 @@ def make_train_fn(config: ml_collections.ConfigDict, graphdef, state, mesh):
 def schedule_length(config: ml_collections.ConfigDict, mesh) -> jax.Array:
   """config.total_steps as the train step's argument: an int32 scalar replicated over the mesh."""
   return sharding.replicate(np.int32(config.total_steps), mesh)
-
-
-def total_stream_shards(config: ml_collections.ConfigDict) -> int:
-  return config.data.stream_shards or jax.process_count()
-
-
-def stream_shards_of(config: ml_collections.ConfigDict) -> range:
-  """The training-stream shards this process reads.
-
-  Shard s of S reads every S-th example with its own shuffle and augmentation seeds, and global
-  batch k is the shards' batches k side by side, in shard order (the mesh orders devices by
-  process). So the batches depend on S, not on how many processes share the S shards: a run on
-  fewer processes, or a resume on fewer hosts, trains on exactly the same batches when S is kept.
-  """
-  count, index = jax.process_count(), jax.process_index()
-  shards = total_stream_shards(config)
-  if shards % count:
-    raise ValueError(f"config.data.stream_shards={shards} must be a multiple of the number of "
-                     f"processes ({count}): each process reads the same number of shards.")
-  per_process = shards // count
-  return range(index * per_process, (index + 1) * per_process)
-
-
-def concatenate_batches(*batches):
-  """One batch from several (nested dicts for PseudoSeg), in the order given."""
-  if isinstance(batches[0], dict):
-    return {key: concatenate_batches(*(batch[key] for batch in batches)) for key in batches[0]}
-  return np.concatenate(batches)
 
 
 def read_init_weights(model_config: ml_collections.ConfigDict) -> dict:
@@ -268,20 +152,6 @@ def without_unmeasured(metrics: dict, source: datasets.Source) -> dict:
           if not (name.startswith("pseudo/") and name.endswith("accuracy"))}
 
 
-def pseudo_label_grid(maps: dict, unlabeled: dict, num_classes: int,
-                      max_images: int = 4) -> np.ndarray:
-  """One uint8 image: a row per unlabeled image; columns weak view, strong view, CAM, SGC, pseudo
-  label (void where it does not count), prediction on the strong view, ground truth."""
-  weak = visualize.image_to_uint8(unlabeled["weak_image"][:max_images])
-  size = weak.shape[1:3]
-  columns = [weak, visualize.image_to_uint8(maps["strong_image"][:max_images])]
-  for name in ("cam", "sgc", "pseudo_label", "strong_prediction", "ground_truth"):
-    if name in maps:
-      class_map = visualize.resize_nearest_to(np.asarray(maps[name][:max_images]), size)
-      columns.append(visualize.colorize(class_map, num_classes))
-  return visualize.grid(columns)
-
-
 def write_pseudo_label_summary(writer: writers.MetricWriter, images_fn, state: steps.TrainState,
                                local_batch: dict, global_batch: dict,
                                config: ml_collections.ConfigDict) -> None:
@@ -292,24 +162,15 @@ def write_pseudo_label_summary(writer: writers.MetricWriter, images_fn, state: s
   maps = jax.device_get(images_fn(state.params, state.batch_stats, global_batch["unlabeled"],
                                   unlabeled_key, teacher=state.teacher,
                                   class_frequencies=state.class_frequencies))
-  writer.write_images(int(state.step) + 1, {"pseudo_labels": pseudo_label_grid(
+  writer.write_images(int(state.step) + 1, {"pseudo_labels": visualize.pseudo_label_grid(
       maps, local_batch["unlabeled"], config.data.num_classes)})
-
-
-def write_learning_curves(workdir: str, config: ml_collections.ConfigDict) -> str:
-  """WORKDIR/learning_curves.png from metrics.jsonl, which holds the whole history after a
-  resume too. Returns its path."""
-  path = os.path.join(workdir, LEARNING_CURVES_FILE)
-  title = f"{config.method} on {config.data.name}: {os.path.basename(paths.absolute(workdir))}"
-  writers.write_png(path, visualize.learning_curves_image(writers.read_metrics(workdir), title))
-  return path
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   config_lib.validate(config)
   config = with_resolved_normalization(config)
   paths.makedirs(workdir)
-  check_workdir_matches(config, workdir)
+  workdirs.check_matches(config, workdir)
   is_writer = jax.process_index() == 0
 
   # ---------------------------------------------------------------- mesh and data
@@ -339,7 +200,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         steps.with_fresh_teacher(with_pretrained_backbone(state, tx, config.model), config), mesh)
   start_step = int(state.step)
   if is_writer:
-    write_json(os.path.join(workdir, CONFIG_FILE), config.to_dict())
+    workdirs.write_config(workdir, config)
     writers.truncate_metrics(workdir, start_step)
   writer = writers.MetricWriter(workdir, enabled=is_writer)
 
@@ -357,7 +218,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         out_shardings=replicated)
 
   # ---------------------------------------------------------------- train loop
-  train_batches = training_batches(config, source, mesh, start_step)
+  train_batches = streams.training_batches(config, source, mesh, start_step)
   progress = writers.Progress(start_step, config.total_steps)
   pending_metrics = []
   last_eval = None
@@ -381,7 +242,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       pending_metrics.append(metrics)
       if step == start_step + 1:
         progress.restart_clock(step)  # Keep compile time out of steps/s.
-      preempted = preemption.agreed_across_processes(stop_signals.received is not None)
+      preempted = preemption.should_stop(manager, step, stop_signals)
       is_last = step == config.total_steps
       wants_log = step % config.log_every == 0 or is_last or preempted
       wants_eval = (step % config.eval_every == 0 or is_last) and not preempted
@@ -416,16 +277,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   # ---------------------------------------------------------------- results
   final_step = int(state.step)
-  results_path = os.path.join(workdir, RESULTS_FILE)
-  if last_eval is None and paths.exists(results_path):
-    with paths.open(results_path) as f:
-      results = json.load(f)
+  results_path = workdirs.results_path(workdir)
+  if last_eval is None and (results := workdirs.read_results(workdir)) is not None:
     if results.get("step") == final_step:
       log.info("Already trained to step %d; results in %s.", final_step, results_path)
       writer.close()
       # A run finished before the curves existed gets them now.
-      if is_writer and not paths.exists(os.path.join(workdir, LEARNING_CURVES_FILE)):
-        log.info("Learning curves: %s.", write_learning_curves(workdir, config))
+      if is_writer and not paths.exists(workdirs.learning_curves_path(workdir)):
+        log.info("Learning curves: %s.", visualize.write_learning_curves(workdir, config))
       return results
   if last_eval is None or last_eval[0] != final_step:
     summary, confusion = evaluate(eval_fn, state, eval_batches, mesh)
@@ -434,8 +293,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   results = {"step": final_step, **last_eval[1], "class_names": list(source.class_names)}
   writer.close()
   if is_writer:
-    write_json(results_path, results)
-    log.info("Learning curves: %s.", write_learning_curves(workdir, config))
+    workdirs.write_results(workdir, results)
+    log.info("Learning curves: %s.", visualize.write_learning_curves(workdir, config))
   log.info("Final val/miou = %.4f at step %d (%s).", results["val/miou"], final_step,
            results_path)
   return results

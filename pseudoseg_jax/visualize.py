@@ -3,14 +3,19 @@ confusion matrix and the learning curves (matplotlib, imported only when a chart
 
 Class c gets the PASCAL VOC colour of c (0 = black background); pixels that carry no class (the
 ignore label, or -1 for pseudo labels that do not count) are drawn in VOC's light "void" colour.
-Every function returns a uint8 [H, W, 3] array, ready for TensorBoard or a PNG file.
+Every function returns a uint8 [H, W, 3] array, ready for TensorBoard or a PNG file, but
+write_learning_curves, which draws a workdir's metrics.jsonl into its learning_curves.png.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Sequence
 
+import ml_collections
 import numpy as np
+
+from pseudoseg_jax import paths, workdirs, writers
 
 VOID_COLOR = (224, 224, 192)
 
@@ -203,3 +208,26 @@ def _label_panel(axes, title: str, y_label: str, has_data: bool) -> None:
     axes.set_yticks([])
     axes.text(0.5, 0.5, "not logged yet", transform=axes.transAxes, ha="center", va="center",
               color="grey")
+
+
+def pseudo_label_grid(maps: dict, unlabeled: dict, num_classes: int,
+                      max_images: int = 4) -> np.ndarray:
+  """One uint8 image: a row per unlabeled image; columns weak view, strong view, CAM, SGC, pseudo
+  label (void where it does not count), prediction on the strong view, ground truth."""
+  weak = image_to_uint8(unlabeled["weak_image"][:max_images])
+  size = weak.shape[1:3]
+  columns = [weak, image_to_uint8(maps["strong_image"][:max_images])]
+  for name in ("cam", "sgc", "pseudo_label", "strong_prediction", "ground_truth"):
+    if name in maps:
+      class_map = resize_nearest_to(np.asarray(maps[name][:max_images]), size)
+      columns.append(colorize(class_map, num_classes))
+  return grid(columns)
+
+
+def write_learning_curves(workdir: str, config: ml_collections.ConfigDict) -> str:
+  """WORKDIR/learning_curves.png from metrics.jsonl, which holds the whole history after a
+  resume too. Returns its path."""
+  path = workdirs.learning_curves_path(workdir)
+  title = f"{config.method} on {config.data.name}: {os.path.basename(paths.absolute(workdir))}"
+  writers.write_png(path, learning_curves_image(writers.read_metrics(workdir), title))
+  return path

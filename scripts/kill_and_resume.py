@@ -30,7 +30,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from pseudoseg_jax import checkpointing, train, writers  # noqa: E402
+from pseudoseg_jax import checkpointing, workdirs, writers  # noqa: E402
 
 
 def command(workdir: str, main_args: list[str]) -> list[str]:
@@ -79,7 +79,7 @@ def differences(reference: str, candidate: str) -> list[str]:
   found = []
   results = []
   for workdir in (reference, candidate):
-    with open(os.path.join(workdir, train.RESULTS_FILE)) as f:
+    with open(os.path.join(workdir, workdirs.RESULTS_FILE)) as f:
       results.append(json.load(f))
   if results[0] != results[1]:
     found.append(f"results.json: {results[0].get('val/miou')} vs {results[1].get('val/miou')}")
@@ -124,7 +124,7 @@ def main() -> None:
   killed = os.path.join(options.workdir, "killed")
   os.makedirs(options.workdir, exist_ok=True)
   started = time.monotonic()
-  if not os.path.exists(os.path.join(reference, train.RESULTS_FILE)):
+  if not os.path.exists(os.path.join(reference, workdirs.RESULTS_FILE)):
     subprocess.run(command(reference, options.main_args), cwd=ROOT, check=True,
                    stdout=open(os.path.join(options.workdir, "uninterrupted.log"), "w"),
                    stderr=subprocess.STDOUT)
@@ -140,7 +140,7 @@ def main() -> None:
     print("DIFFERS:", line)
   if found:
     raise SystemExit(1)
-  with open(os.path.join(killed, train.RESULTS_FILE)) as f:
+  with open(os.path.join(killed, workdirs.RESULTS_FILE)) as f:
     miou = json.load(f)["val/miou"]
   print(f"identical: results.json (val/miou {miou:.4f}), every saved tensor, the metrics of every "
         "logging window both runs share.")

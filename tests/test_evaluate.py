@@ -11,7 +11,7 @@ import tensorflow as tf
 from absl import flags
 
 from configs import demo
-from pseudoseg_jax import evaluate, inference, train
+from pseudoseg_jax import evaluate, inference, train, workdirs
 from pseudoseg_jax.data import datasets
 
 OVERRIDES = {
@@ -46,7 +46,7 @@ def read_json(path):
 @pytest.fixture(scope="module")
 def single_scale(trained):
   """evaluate.run with every default, and results.json's bytes from before it."""
-  results_path = os.path.join(trained, train.RESULTS_FILE)
+  results_path = os.path.join(trained, workdirs.RESULTS_FILE)
   with open(results_path, "rb") as f:
     before = f.read()
   return evaluate.run(trained), before
@@ -54,13 +54,13 @@ def single_scale(trained):
 
 def test_single_scale_reproduces_the_training_miou_exactly(trained, single_scale):
   evaluated, results_before = single_scale
-  training = read_json(os.path.join(trained, train.RESULTS_FILE))
+  training = read_json(os.path.join(trained, workdirs.RESULTS_FILE))
   assert evaluated["miou"] == training["val/miou"]
   assert evaluated["iou_per_class"] == training["val/iou_per_class"]
   assert evaluated["pixel_accuracy"] == training["val/pixel_accuracy"]
   assert evaluated["step"] == training["step"] == 1
   assert evaluated["class_names"] == training["class_names"]
-  with open(os.path.join(trained, train.RESULTS_FILE), "rb") as f:
+  with open(os.path.join(trained, workdirs.RESULTS_FILE), "rb") as f:
     assert f.read() == results_before  # results.json is never rewritten.
   written = read_json(os.path.join(trained, "eval_validation.json"))
   assert written == evaluated and set(written) == RESULT_KEYS
@@ -81,7 +81,7 @@ def test_windows_at_single_scale_score_like_the_training_evaluation(trained):
 
 def labeled_pixels(workdir, split):
   """Pixels of `split` that carry a class: each must be scored exactly once."""
-  config = evaluate.eval_config(inference.read_config(workdir), split)
+  config = evaluate.eval_config(workdirs.read_config(workdir), split)
   source = datasets.load_source(config)
   return sum(int(np.sum(example["mask"] != 255))
              for example in source.eval.as_numpy_iterator())
@@ -115,10 +115,10 @@ def test_images_larger_than_the_eval_crop_are_evaluated_in_windows(trained, sing
   """96 px images, a 65 px eval crop: the training's evaluation would refuse them."""
   workdir = str(tmp_path / "small_crop")
   shutil.copytree(trained, workdir)
-  config = read_json(os.path.join(workdir, train.CONFIG_FILE))
+  config = read_json(os.path.join(workdir, workdirs.CONFIG_FILE))
   config["eval_crop_size"] = 65
-  train.write_json(os.path.join(workdir, train.CONFIG_FILE), config)
-  small_crop_config = inference.read_config(workdir)
+  workdirs.write_json(os.path.join(workdir, workdirs.CONFIG_FILE), config)
+  small_crop_config = workdirs.read_config(workdir)
   static = datasets.load_source(small_crop_config)
   assert evaluate.larger_than_crop_by_shape(static.eval, small_crop_config)
 

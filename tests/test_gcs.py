@@ -26,7 +26,7 @@ from PIL import Image
 
 import test_train
 from configs import demo
-from pseudoseg_jax import convert, evaluate, paths, predict, train, writers
+from pseudoseg_jax import convert, evaluate, paths, predict, train, workdirs, writers
 from test_evaluate import OVERRIDES as EVALUATE_OVERRIDES
 
 BUCKET = "pseudoseg-test"
@@ -168,7 +168,7 @@ def runs(gcs, tmp_path_factory):
     patch.setattr(writers.MetricWriter, "write", write_then_die)
     with pytest.raises(Interrupted):
       train.run(tiny_config(data_dir), workdir)
-  assert not paths.exists(f"{workdir}/{train.RESULTS_FILE}")
+  assert not paths.exists(f"{workdir}/{workdirs.RESULTS_FILE}")
   assert [r["step"] for r in writers.read_metrics(workdir)] == [1, 2, 3]
   train.run(tiny_config(data_dir), workdir)
   return local, workdir, data_dir
@@ -180,20 +180,20 @@ def read_json(path):
 
 def test_a_gcs_workdir_resumes_to_the_results_of_an_uninterrupted_run(runs):
   local, workdir, _ = runs
-  assert read_json(f"{workdir}/{train.RESULTS_FILE}") == read_json(
-      os.path.join(local, train.RESULTS_FILE))
+  assert read_json(f"{workdir}/{workdirs.RESULTS_FILE}") == read_json(
+      os.path.join(local, workdirs.RESULTS_FILE))
   # metrics.jsonl was cut back to the checkpoint: each step once, as in the uninterrupted run.
   steps = [r["step"] for r in writers.read_metrics(workdir) if "train/loss" in r]
   assert steps == [1, 2, 3, 4]
-  assert paths.read_bytes(f"{workdir}/{train.LEARNING_CURVES_FILE}").startswith(b"\x89PNG")
-  assert read_json(f"{workdir}/{train.CONFIG_FILE}")["total_steps"] == OVERRIDES["total_steps"]
+  assert paths.read_bytes(f"{workdir}/{workdirs.LEARNING_CURVES_FILE}").startswith(b"\x89PNG")
+  assert read_json(f"{workdir}/{workdirs.CONFIG_FILE}")["total_steps"] == OVERRIDES["total_steps"]
   assert sorted(paths.listdir(f"{workdir}/checkpoints")) == ["2", "4"]
 
 
 def test_evaluate_and_predict_read_a_gcs_run(runs, gcs):
   local, workdir, _ = runs
   evaluated = evaluate.run(workdir)
-  assert evaluated["miou"] == read_json(f"{workdir}/{train.RESULTS_FILE}")["val/miou"]
+  assert evaluated["miou"] == read_json(f"{workdir}/{workdirs.RESULTS_FILE}")["val/miou"]
   assert read_json(f"{workdir}/eval_validation.json") == evaluated
   assert evaluated["checkpoint"] == f"{workdir}/checkpoints/4"
 

@@ -13,9 +13,12 @@ devices' gradients in another order than the in-process one (step 1 is bit-ident
 
 import json
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 from unittest import mock
 
 import jax
@@ -23,8 +26,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from pseudoseg_jax import checkpointing, distributed, sharding, train
-from pseudoseg_jax.data import datasets
+from pseudoseg_jax import checkpointing, distributed, sharding, workdirs
+from pseudoseg_jax.data import datasets, streams
 from test_train import ROOT, TINY_OVERRIDES, read_metrics, tiny_config
 
 NUM_PROCESSES = 2
@@ -103,7 +106,7 @@ def test_each_process_reads_its_own_stream_shards(stream_shards, process_count, 
   config = tiny_config("unused", **{"data.stream_shards": stream_shards})
   with mock.patch.object(jax, "process_count", lambda: process_count), \
        mock.patch.object(jax, "process_index", lambda: process_index):
-    assert train.stream_shards_of(config) == expected
+    assert streams.stream_shards_of(config) == expected
 
 
 def test_stream_shards_must_split_evenly_over_processes():
@@ -112,13 +115,13 @@ def test_stream_shards_must_split_evenly_over_processes():
        mock.patch.object(jax, "process_index", lambda: 0), \
        pytest.raises(ValueError, match=r"stream_shards=3 must be a multiple of the number of "
                                        r"processes \(2\)"):
-    train.stream_shards_of(config)
+    streams.stream_shards_of(config)
 
 
 def test_batches_of_several_shards_are_put_side_by_side_in_shard_order():
   first = {"labeled": {"image": np.zeros((2, 3)), "mask": np.zeros((2,))}}
   second = {"labeled": {"image": np.ones((1, 3)), "mask": np.ones((1,))}}
-  both = train.concatenate_batches(first, second)
+  both = streams.concatenate_batches(first, second)
   np.testing.assert_array_equal(both["labeled"]["mask"], [0, 0, 1])
   assert both["labeled"]["image"].shape == (3, 3)
 
@@ -144,10 +147,10 @@ def main_command(workdir, data_dir, *extra) -> list:
                  if name != "total_steps"]
 
 
-def start_two_processes(workdir, data_dir, logs) -> list:
+def start_two_processes(workdir, data_dir, logs, *extra) -> list:
   port = free_port()
   args = main_command(workdir, data_dir, f"--coordinator_address=localhost:{port}",
-                      f"--num_processes={NUM_PROCESSES}")
+                      f"--num_processes={NUM_PROCESSES}", *extra)
   return [start(args + [f"--process_id={i}"], process_env(DEVICES_PER_PROCESS),
                 logs / f"process_{i}.log") for i in range(NUM_PROCESSES)]
 
@@ -177,11 +180,16 @@ def finish(process: subprocess.Popen, log_path) -> str:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-  """(2-process workdir, its processes' outputs, reference workdir); the three processes run at
-  the same time."""
+def data_dir(tmp_path_factory):
   data_dir = tmp_path_factory.mktemp("tfds")
   datasets.load_source(tiny_config(data_dir, **OVERRIDES))  # Once: two writers would race.
+  return data_dir
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, data_dir):
+  """(2-process workdir, its processes' outputs, reference workdir); the three processes run at
+  the same time."""
   multi_workdir = str(tmp_path_factory.mktemp("two_processes"))
   reference_workdir = str(tmp_path_factory.mktemp("one_process"))
   logs = tmp_path_factory.mktemp("logs")
@@ -246,9 +254,9 @@ def test_only_process_0_writes_metrics_and_results(runs):
   multi_workdir, _, reference_workdir = runs
   event_files = os.listdir(os.path.join(multi_workdir, "tensorboard"))
   assert len(event_files) == 1, event_files  # One writer: a second would add its own file.
-  with open(os.path.join(multi_workdir, train.RESULTS_FILE)) as f:
+  with open(os.path.join(multi_workdir, workdirs.RESULTS_FILE)) as f:
     results = json.load(f)
-  with open(os.path.join(reference_workdir, train.RESULTS_FILE)) as f:
+  with open(os.path.join(reference_workdir, workdirs.RESULTS_FILE)) as f:
     expected = json.load(f)
   assert results["step"] == 4
   np.testing.assert_allclose(results["val/iou_per_class"], expected["val/iou_per_class"],
@@ -256,3 +264,46 @@ def test_only_process_0_writes_metrics_and_results(runs):
   leftovers = [name for name in os.listdir(multi_workdir) if name.startswith(".tmp")]
   assert not leftovers
 
+
+
+def wait_for_line(log_path, text: str, processes, timeout_s: float = PROCESS_TIMEOUT_S) -> None:
+  deadline = time.monotonic() + timeout_s
+  while text not in (log_path.read_text() if log_path.exists() else ""):
+    assert all(p.poll() is None for p in processes), f"a process ended before {text!r}"
+    assert time.monotonic() < deadline, f"no {text!r} in {log_path.name}"
+    time.sleep(0.05)
+
+
+def test_sigterm_to_one_process_stops_both_at_one_step_and_the_rerun_resumes_exactly(
+    runs, data_dir, tmp_path):
+  """JAX's preemption service: the signalled host and the other one checkpoint the same step and
+  exit 143; rerunning the command finishes the run with the uninterrupted run's exact state."""
+  uninterrupted_workdir = runs[0]
+  workdir, logs = str(tmp_path / "preempted"), tmp_path
+  # An evaluation after every step slows the loop (not what it learns), so that the signal lands
+  # well before the last of the 4 steps.
+  processes = start_two_processes(workdir, data_dir, logs, "--config.eval_every=1")
+  try:
+    wait_for_line(logs / "process_0.log", "Training supervised from step 0", processes)
+    processes[1].send_signal(signal.SIGTERM)
+    for process in processes:
+      process.wait(timeout=PROCESS_TIMEOUT_S)
+  finally:
+    for process in processes:
+      if process.poll() is None:
+        process.kill()
+  outputs = [(logs / f"process_{i}.log").read_text() for i in range(NUM_PROCESSES)]
+  assert [p.returncode for p in processes] == [128 + signal.SIGTERM] * 2, outputs[1][-3000:]
+  stopped = [int(re.search(r"Preempted at step (\d+)", output).group(1)) for output in outputs]
+  assert stopped[0] == stopped[1] < 4
+  kept = sorted(int(name) for name in os.listdir(checkpointing.checkpoint_dir(workdir)))
+  assert kept[-1] == stopped[0]
+
+  rerun_logs = tmp_path / "rerun"
+  rerun_logs.mkdir()
+  for i, process in enumerate(start_two_processes(workdir, data_dir, rerun_logs)):
+    assert "Resumed from" in finish(process, rerun_logs / f"process_{i}.log")
+  got, expected = saved_state(workdir, 4), saved_state(uninterrupted_workdir, 4)
+  got_leaves = dict(jax.tree_util.tree_flatten_with_path(got)[0])
+  for path, value in jax.tree_util.tree_flatten_with_path(expected)[0]:
+    np.testing.assert_array_equal(got_leaves[path], value, err_msg=jax.tree_util.keystr(path))

@@ -447,7 +447,7 @@ TRAINING_STREAM_ARGS = dict(batch_size=2, crop_size=13, ignore_label=IGNORE,
 ], ids=["labeled", "unlabeled", "eval"])
 def test_streams_run_no_autotuning_thread_that_their_release_would_wait_for(make_stream):
   # An autotuned iterator's release can wait out the model thread's sleep (up to a minute,
-  # pipeline._stream_options): finished training processes lingered 10-50 s after their last line.
+  # pipeline.stream_options): finished training processes lingered 10-50 s after their last line.
   # Checked on what as_numpy_batches iterates, its own prefetch included.
   stream = make_stream().prefetch(pipeline.AUTOTUNE)
   assert stream.options().autotune.enabled is False

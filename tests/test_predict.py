@@ -18,7 +18,7 @@ import pytest
 from PIL import Image, ImageOps
 
 from configs import demo
-from pseudoseg_jax import checkpointing, inference, predict, steps, train, visualize
+from pseudoseg_jax import checkpointing, inference, predict, steps, visualize, workdirs
 from pseudoseg_jax.data.datasets import coco, synthetic_shapes, voc
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -52,7 +52,7 @@ def workdir(tmp_path_factory):
     decoder = {**state.params["decoder"], "logits": {**logits, "kernel": logits["kernel"] * factor}}
     params = {**state.params, "decoder": decoder}
     save_checkpoint(workdir, step, state.replace(params=params))
-  train.write_json(str(workdir / "config.json"), config.to_dict())
+  workdirs.write_json(str(workdir / "config.json"), config.to_dict())
   return str(workdir)
 
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from pseudoseg_jax import checkpointing, preemption, steps, train
+from pseudoseg_jax.data import streams
 from test_train import read_metrics, tiny_config
 
 
@@ -26,14 +27,42 @@ def test_stop_signals_only_record_the_signal_and_restore_the_previous_handlers()
     time.sleep(0.01)  # Python runs the handler between bytecodes of the main thread.
     assert stop_signals.received == signal.SIGTERM
   assert signal.getsignal(signal.SIGTERM) is previous
-  assert preemption.agreed_across_processes(True) and not preemption.agreed_across_processes(False)
+
+
+def test_one_process_stops_on_its_own_signal_without_asking_the_manager():
+  class NoManager:
+    def reached_preemption(self, step):
+      raise AssertionError("a single process must not wait on the preemption sync point")
+
+  with preemption.StopSignals() as stop_signals:
+    assert not preemption.should_stop(NoManager(), 1, stop_signals)
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(0.01)
+    assert preemption.should_stop(NoManager(), 2, stop_signals)
+
+
+def test_several_processes_leave_sigterm_to_jaxs_preemption_service(monkeypatch):
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  previous = signal.getsignal(signal.SIGTERM)
+  asked = []
+
+  class Manager:
+    def reached_preemption(self, step):
+      asked.append(step)
+      return step == 3
+
+  with preemption.StopSignals() as stop_signals:
+    assert signal.getsignal(signal.SIGTERM) is previous  # Not replaced: JAX's stays.
+    assert [preemption.should_stop(Manager(), s, stop_signals) for s in (1, 2, 3)] == [
+        False, False, True]
+  assert asked == [1, 2, 3]
 
 
 def poisoned_at(step_to_poison):
-  """train.training_batches with NaN images in one step's batch (1-based): that step's loss and
+  """streams.training_batches with NaN images in one step's batch (1-based): that step's loss and
   gradients are NaN. A bad batch, as real divergences often start; the step's program is the
   plain one (the test run's compilation cache may already hold it)."""
-  original = train.training_batches
+  original = streams.training_batches
 
   def training_batches(config, source, mesh, start_step):
     for step, batch in enumerate(original(config, source, mesh, start_step), start_step + 1):
@@ -62,7 +91,7 @@ def all_finite(tree):
 
 def test_a_nonfinite_step_stops_the_run_and_keeps_the_last_good_checkpoint(
     data_dir, tmp_path, monkeypatch):
-  monkeypatch.setattr(train, "training_batches", poisoned_at(3))
+  monkeypatch.setattr(streams, "training_batches", poisoned_at(3))
   config = divergence_config(data_dir)
   workdir = str(tmp_path / "run")
   with pytest.raises(train.TrainingDiverged,
@@ -77,7 +106,7 @@ def test_a_nonfinite_step_stops_the_run_and_keeps_the_last_good_checkpoint(
 
 
 def test_skipping_nonfinite_steps_finishes_and_counts_them(data_dir, tmp_path, monkeypatch):
-  monkeypatch.setattr(train, "training_batches", poisoned_at(3))
+  monkeypatch.setattr(streams, "training_batches", poisoned_at(3))
   config = divergence_config(data_dir, skip_nonfinite_steps=True)
   workdir = str(tmp_path / "run")
   results = train.run(config, workdir)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from configs import demo
-from pseudoseg_jax import checkpointing, train
+from pseudoseg_jax import checkpointing, train, workdirs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The tiny demo that other modules train in-process too (tiny_config).
@@ -97,7 +97,7 @@ def cli_run(tmp_path_factory, subprocess_env):
   data_dir = tmp_path_factory.mktemp("tfds")
   workdir = str(tmp_path_factory.mktemp("work") / "run")
   stdout = run_to_completion(train_command(data_dir, workdir), subprocess_env)
-  with open(os.path.join(workdir, train.RESULTS_FILE)) as f:
+  with open(os.path.join(workdir, workdirs.RESULTS_FILE)) as f:
     uninterrupted = json.load(f), final_checkpoint(workdir), training_records(workdir)
   return data_dir, workdir, stdout, uninterrupted
 
@@ -137,7 +137,7 @@ def tensorboard_image_steps(logdir, tag="pseudo_labels"):
 
 def learning_curves_size(workdir):
   from PIL import Image
-  with Image.open(os.path.join(workdir, train.LEARNING_CURVES_FILE)) as image:
+  with Image.open(os.path.join(workdir, workdirs.LEARNING_CURVES_FILE)) as image:
     return image.size
 
 
@@ -162,7 +162,7 @@ def run_until_step_then_signal(args, env, step, signal_number):
 
 def assert_same_as_uninterrupted(workdir, uninterrupted):
   results, checkpoint, records = uninterrupted
-  with open(os.path.join(workdir, train.RESULTS_FILE)) as f:
+  with open(os.path.join(workdir, workdirs.RESULTS_FILE)) as f:
     assert json.load(f) == results
   resumed = final_checkpoint(workdir)
   assert resumed.keys() == checkpoint.keys()
@@ -206,7 +206,7 @@ def test_a_run_stopped_by_sigterm_then_killed_resumes_to_the_uninterrupted_resul
 def test_rerunning_a_finished_run_resumes_instead_of_retraining(cli_run):
   data_dir, workdir, _, _ = cli_run
   before = read_metrics(workdir)
-  os.remove(os.path.join(workdir, train.LEARNING_CURVES_FILE))  # As a run from before the curves.
+  os.remove(os.path.join(workdir, workdirs.LEARNING_CURVES_FILE))  # As a run from before the curves.
   results = train.run(run_config(data_dir), workdir)
   assert results["step"] == RUN_STEPS
   assert read_metrics(workdir) == before  # Nothing retrained, nothing logged twice.

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from configs import demo
-from pseudoseg_jax import train, visualize, writers
+from pseudoseg_jax import visualize, workdirs, writers
 from pseudoseg_jax.data.datasets import coco, synthetic_shapes, voc
 
 
@@ -131,7 +131,7 @@ def test_images_written_to_tensorboard_read_back_exactly(tmp_path):
 def test_learning_curves_file_is_drawn_from_metrics_jsonl(tmp_path):
   with open(tmp_path / writers.METRICS_FILE, "w") as f:
     f.writelines(json.dumps(record) + "\n" for record in pseudoseg_records())
-  path = train.write_learning_curves(str(tmp_path), demo.get_config())
-  assert path == str(tmp_path / train.LEARNING_CURVES_FILE)
+  path = visualize.write_learning_curves(str(tmp_path), demo.get_config())
+  assert path == str(tmp_path / workdirs.LEARNING_CURVES_FILE)
   with Image.open(path) as image:
     assert image.size == (1200, 450)

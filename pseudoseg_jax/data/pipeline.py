@@ -305,7 +305,8 @@ def count_examples(dataset: tf.data.Dataset) -> int:
     raise ValueError("The evaluation dataset is infinite; it must be finite.")
   if cardinality >= 0:
     return cardinality
-  return int(dataset.reduce(np.int64(0), lambda count, _: count + 1))
+  return int(dataset.with_options(stream_options()).reduce(np.int64(0),
+                                                          lambda count, _: count + 1))
 
 
 def pad_eval_example(example, *, crop_size: augment.CropSize, ignore_label: int) -> dict:
