@@ -24,6 +24,8 @@ import os
 import re
 from typing import Callable, Mapping, TypeVar
 
+from pseudoseg_jax.writers import log
+
 Result = TypeVar("Result")
 
 # The flags that name a job explicitly, as main.py spells them (for error messages).
@@ -121,7 +123,6 @@ def initialize(job: Plan | None) -> None:
   if not job.detect_cluster:
     arguments["cluster_detection_method"] = "deactivate"
   jax.distributed.initialize(**arguments)
-  from pseudoseg_jax.writers import log
   log.info("Process %d of %d (%s).", jax.process_index(), jax.process_count(), job.reason)
 
 

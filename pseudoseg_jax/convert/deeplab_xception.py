@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pseudoseg_jax.convert import BackboneWeights
+from pseudoseg_jax.convert.tensors import BackboneWeights
 
 SCOPE = "xception_65"
 HEAD_SCOPES = ("logits", "aspp", "image_pooling", "concat_projection", "decoder")

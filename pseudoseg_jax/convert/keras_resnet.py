@@ -34,7 +34,7 @@ import zipfile
 import h5py
 import numpy as np
 
-from pseudoseg_jax.convert import BackboneWeights
+from pseudoseg_jax.convert.tensors import BackboneWeights
 from pseudoseg_jax.models.resnet import RESNET_SPECS
 
 # Every BatchNormalization of keras.applications' ResNets (keras/src/applications/resnet.py).

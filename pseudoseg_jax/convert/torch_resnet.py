@@ -32,7 +32,8 @@ from typing import Mapping
 
 import numpy as np
 
-from pseudoseg_jax.convert import BackboneWeights, renamed_tensors, torch_zip
+from pseudoseg_jax.convert import torch_zip
+from pseudoseg_jax.convert.tensors import BackboneWeights, renamed_tensors
 from pseudoseg_jax.models.resnet import RESNET_SPECS
 
 DROPPED_KEYS = frozenset({"fc.weight", "fc.bias"})

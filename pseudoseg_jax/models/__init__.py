@@ -13,9 +13,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from pseudoseg_jax.models.deeplab import DeepLabV3Plus
+from pseudoseg_jax.models.efficientnet_lite import EfficientNetLite
 from pseudoseg_jax.models.normalization import resolved_normalization
 from pseudoseg_jax.models.resize import resize_bilinear
 from pseudoseg_jax.models.resnet import RESNET_SPECS, NormConfig, ResNet
+from pseudoseg_jax.models.xception import Xception65
 
 __all__ = ["DeepLabV3Plus", "ResNet", "build_model", "feature_size", "resize_bilinear",
            "validate_model_config"]
@@ -108,11 +110,9 @@ def build_model(model_config, num_classes: int, *, rngs: nnx.Rngs) -> DeepLabV3P
   dtype = DTYPES[model_config.dtype]
   heads = head_fields(model_config)
   if model_config.backbone in XCEPTION_BACKBONES:
-    from pseudoseg_jax.models.xception import Xception65
     backbone = Xception65(output_stride=model_config.output_stride, norm=norm, dtype=dtype,
                           rngs=rngs)
   elif model_config.backbone in EFFICIENTNET_BACKBONES:
-    from pseudoseg_jax.models.efficientnet_lite import EfficientNetLite
     # Its batch norms use epsilon 1e-3 whatever model.bn_epsilon says (the heads' epsilon).
     backbone = EfficientNetLite(output_stride=model_config.output_stride, norm=norm,
                                 frozen_blocks=model_config.get("frozen_backbone_blocks", 0),
