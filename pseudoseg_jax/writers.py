@@ -3,6 +3,10 @@ progress line on the console; and how to read them back (a notebook, the learnin
 
 Only process 0 writes; other processes get a writer that does nothing, so the train loop needs no
 `if jax.process_index() == 0` of its own.
+
+The one logging convention: the project's modules report progress and warnings through `log`
+(the 'pseudoseg_jax' logger, timestamped lines on stdout); a command-line tool prints only its
+final answer (a table, a path, a count) with print(), so that its output can be piped.
 """
 
 from __future__ import annotations

@@ -10,13 +10,13 @@ Batch sizes are PER PROCESS; each process reads a disjoint shard of the source.
 from __future__ import annotations
 
 import functools
-import logging
 from typing import Callable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import tensorflow as tf
 
 from pseudoseg_jax.data import augment, color
+from pseudoseg_jax.writers import log
 
 AUTOTUNE = tf.data.AUTOTUNE
 Seed = Union[int, Sequence[int]]
@@ -29,7 +29,7 @@ def hide_tensorflow_from_accelerators() -> None:
       tf.config.set_visible_devices([], "GPU")
   except RuntimeError:
     # Visible devices cannot change once the TF runtime is initialized; whoever did that chose.
-    logging.warning("TensorFlow was initialized before the input pipeline; it may still see GPUs.")
+    log.warning("TensorFlow was initialized before the input pipeline; it may still see GPUs.")
 
 
 def as_numpy_batches(dataset: tf.data.Dataset) -> Iterator[dict]:
