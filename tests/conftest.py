@@ -1,4 +1,24 @@
-"""Test-wide set-up: several CPU devices for sharding tests, TensorFlow kept off accelerators."""
+"""Test-wide set-up: several CPU devices for sharding tests, TensorFlow kept off accelerators, and
+the test tiers.
+
+Tiers. The everyday run: four tests in five, in 50-80 s on 2 cores (without -n 2: 90-120 s; the
+whole suite: about 10 min):
+
+  python -m pytest -q -m "not slow" -n 2 --dist loadfile tests
+
+README command 2 and CI (.ci/run) name no marker and run everything. Every test has exactly one
+kind, set here (pytest_collection_modifyitems, from OTHER_KINDS and SLOW; the test files name
+none), registered in pytest.ini:
+  unit          in-process tests of one piece, mostly known answers: every test of no other kind;
+  end_to_end    trains (the CLI or train.run) and checks what the run leaves: workdir, resuming,
+                evaluation;
+  multiprocess  starts several training processes as one jax.distributed job on localhost;
+  notebook      tests launch/colab.ipynb;
+  benchmark     tests benchmarks/: the scripts at toy sizes, and the FLOP counts they rest on;
+and `slow` on top for what the everyday run cannot afford: every end_to_end and multiprocess test,
+the notebook run, the benchmark runs, and the unit tests that compile whole models or steps or
+start processes (SLOW). Select with -m, e.g. -m "unit and not slow", -m end_to_end.
+"""
 
 import os
 
@@ -63,17 +83,122 @@ END_TO_END_MODULES_FIRST = ("test_train.py", "test_multiprocess.py", "test_preem
                          "test_notebook.py", "test_evaluate.py", "test_pseudoseg_step.py",
                          "test_voc.py", "test_steps.py", "test_folder.py", "test_pipeline.py")
 
+# The tests of a kind other than unit, per module: "*" (all of them), a test's name (without its
+# parameters), or a module fixture that the tests using it share (the fixture is what trains).
+OTHER_KINDS = {
+    "test_train.py": {"*": "end_to_end"},
+    "test_evaluate.py": {"*": "end_to_end"},
+    "test_preemption.py": {"data_dir": "end_to_end"},  # train.run up to a NaN step.
+    "test_gcs.py": {"runs": "end_to_end"},
+    "test_folder.py": {"test_two_pseudoseg_steps_through_the_cli": "end_to_end"},
+    "test_voc.py": {"test_pseudoseg_trains_on_voc_with_image_level_labels": "end_to_end"},
+    "test_multiprocess.py": {"runs": "multiprocess"},
+    "test_notebook.py": {"*": "notebook"},
+    "test_benchmarks.py": {"*": "benchmark"},
+}
+
+# Slow, besides every end_to_end and multiprocess test (selectors as in OTHER_KINDS): what a "not
+# slow" run cannot afford in its 2 minutes on 2 cores, from a full run's --durations and a "not
+# slow" run's (where the compilation cache is cold: a test that reuses another's compiled model in
+# the full run compiles it itself), module fixtures counted with the tests that use them. Mostly
+# inits and compiles of whole models or steps (2-40 s each at the tests' XLA flags) and commands
+# run as processes (an import of JAX and TensorFlow each); the known-answer tests of the pieces
+# (augment, pseudo_labels, losses, conv, pipeline, data sources, readers, checkpoints) stay.
+SLOW = {
+    "test_notebook.py": ("test_the_notebook_trains_the_demo_and_shows_its_pictures",),
+    "test_benchmarks.py": ("test_train_step_benchmark_reports_the_step_against_the_peak",
+                           "test_the_pseudoseg_step_gets_the_trainers_batch",
+                           "test_input_pipeline_benchmark_reports_rates_and_the_wait"),
+    "test_pseudoseg_step.py": ("model_state",
+                               "test_pseudoseg_loss_does_not_depend_on_the_device_count"),
+    "test_steps.py": ("setup",),
+    "test_cpu_preset.py": ("test_a_pseudoseg_step_of_the_preset_trains_only_the_unfrozen_layers",),
+    "test_confirmation_bias.py": ("remedies_step",),
+    "test_mixed_precision.py": ("*",),
+    "test_predict.py": ("workdir",),
+    "test_convert.py": ("fresh",),
+    "test_named_weights.py": ("xception_archive",),
+    "test_normalization.py": ("test_model_feeds_its_backbone_the_converted_image",),
+    "test_models.py": ("tiny_model", "resnet50_deep_stem_os8", "test_resnet50_os16_shapes_513"),
+    "test_deeplab_heads.py": ("tiny_separable", "xception_heads",
+                              "test_separable_heads_take_deeplabs_dense_and_logits_initializers",
+                              "test_dense_heads_stay_the_default",
+                              "test_separable_conv_is_depthwise_bn_relu_then_pointwise_bn_relu"),
+    "test_xception.py": ("abstract_models",),
+    "test_efficientnet_lite.py": ("imagenet_outputs", "test_feature_shapes_and_strides",
+                                  "test_build_model_uses_its_own_bn_epsilon"),
+    "test_ghost_batch_norm.py": ("train_passes", "test_jit_over_a_sharded_batch_equals_eager",
+                                 "test_tiny_deeplab_rejects_a_batch_the_group_size_does_not_divide",
+                                 "test_group_size_changes_no_parameter_or_statistic"),
+    "test_convert_keras.py": ("resnet50_files", "keras_resnet50", "resnet50_weights",
+                              "test_resnet101_with_top_drops_only_the_classifier",
+                              "test_only_the_keras_variant_has_conv_biases",
+                              "test_keras_variant_strides_the_first_1x1_and_dilates_like_"
+                              "torchvision"),
+    "test_convert_torch.py": ("test_round_trip_is_exact", "test_stem_mismatches_are_named",
+                              "test_missing_unexpected_and_misshaped_tensors_are_named"),
+    "test_augment_window.py": ("test_window_geometry_equals_the_whole_image_path",),
+    "test_pipeline.py": ("test_a_stream_started_at_batch_k_equals_the_uninterrupted_stream_from_k",
+                         "test_weak_and_strong_views_share_one_geometry",
+                         "test_training_streams_are_a_function_of_the_seed",
+                         "test_a_stream_seeks_the_same_without_a_known_cardinality",
+                         "test_colour_jitter_changes_colours_but_not_where_pixels_go",
+                         "test_unlabeled_stream_fills_missing_masks_with_the_ignore_label"),
+    "test_coco.py": ("test_the_pipeline_takes_the_coco_voc_source",),
+    "test_checkpointing.py": (
+        "test_a_save_killed_midway_leaves_the_previous_checkpoints_and_saves_again",),
+    "test_visuals.py": ("test_confusion_matrix_image_fits_the_class_count",),
+}
+
+
+def named(item, selectors) -> bool:
+  """Whether `selectors` (of the test's module) take in this test: see OTHER_KINDS."""
+  return ("*" in selectors or getattr(item, "originalname", item.name) in selectors
+          or not set(selectors).isdisjoint(getattr(item, "fixturenames", ())))
+
+
+def kind_of(item) -> str:
+  """unit, or what OTHER_KINDS gives (a misspelt kind fails: pytest.ini has --strict-markers)."""
+  table = OTHER_KINDS.get(item.path.name, {})
+  return next((kind for selector, kind in table.items() if named(item, {selector})), "unit")
+
+
+def is_slow(item, kind: str) -> bool:
+  return kind in ("end_to_end", "multiprocess") or named(item, SLOW.get(item.path.name, ()))
+
+
+def stale_selectors(module_name: str, module) -> list:
+  """The names OTHER_KINDS and SLOW give for a module that it does not define: a test or fixture
+  renamed or removed would otherwise silently move into the fast tier."""
+  selectors = set(OTHER_KINDS.get(module_name, {})) | set(SLOW.get(module_name, ()))
+  return sorted(s for s in selectors - {"*"} if not hasattr(module, s))
+
+
+def rank(item) -> int:
+  name = item.path.name
+  return END_TO_END_MODULES_FIRST.index(name) if name in END_TO_END_MODULES_FIRST else len(
+      END_TO_END_MODULES_FIRST)
+
 
 def pytest_configure(config):
   if hasattr(config.option, "loadscopereorder"):  # pytest-xdist: keep the order below.
     config.option.loadscopereorder = False
 
 
+# tryfirst: the markers must be there before pytest's own hook deselects with -m.
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items):
-  def rank(item):
-    name = item.path.name
-    return END_TO_END_MODULES_FIRST.index(name) if name in END_TO_END_MODULES_FIRST else len(
-        END_TO_END_MODULES_FIRST)
+  modules = {item.path.name: item.module for item in items if hasattr(item, "module")}
+  stale = {name: stale_selectors(name, module) for name, module in modules.items()}
+  stale = {name: selectors for name, selectors in stale.items() if selectors}
+  if stale:
+    raise pytest.UsageError(f"tests/conftest.py's OTHER_KINDS or SLOW name what these modules no "
+                            f"longer define (a renamed test or fixture?): {stale}")
+  for item in items:
+    kind = kind_of(item)
+    item.add_marker(kind)
+    if is_slow(item, kind):
+      item.add_marker("slow")
   items.sort(key=rank)  # Stable: each module's own order, and the others', is kept.
 
 
