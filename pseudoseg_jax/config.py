@@ -102,9 +102,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.model.dtype = "float32"
   # DeepLab's own heads (recipes.use_deeplab_xception_heads sets the original's values): its split
   # separable 3x3 convs in the ASPP and decoder, with its initializers for the heads' 1x1 convs
-  # (Glorot uniform) and logits (truncated normal, stddev 0.01); the ASPP's and decoder's BN momentum (DeepLab:
-  # 0.9997 on every backbone); the classifier's init, 0 = variance scaling (ResNet's arg scope),
-  # > 0 = truncated normal of that stddev (Xception's: 0.09).
+  # (Glorot uniform) and logits (truncated normal, stddev 0.01); the ASPP's and decoder's BN
+  # momentum (DeepLab: 0.9997 on every backbone); the classifier's init, 0 = variance scaling
+  # (ResNet's arg scope), > 0 = truncated normal of that stddev (Xception's: 0.09).
   config.model.separable_heads = False
   config.model.head_bn_momentum = 0.9
   config.model.cls_init_stddev = 0.0
