@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from pseudoseg_jax.data import augment, color, pipeline
+from pseudoseg_jax.data import augment, pipeline
 
 NUM_CLASSES = 9
 IGNORE = 255
