@@ -194,17 +194,22 @@ def test_an_archive_member_outside_its_folder_is_refused(server, monkeypatch):
   assert not (cached.parent.parent / "escaped.index").exists()
 
 
-@pytest.fixture(scope="module")
-def xception_archive(tmp_path_factory) -> bytes:
-  """DeepLab's xception_65 archive layout (a folder with model.ckpt.*), random weights."""
+def make_xception_archive(folder: pathlib.Path) -> bytes:
+  """DeepLab's xception_65 archive layout (a folder with model.ckpt.*), random weights: every
+  backbone variable and some that are not the backbone's; written through `folder`."""
   rng = np.random.default_rng(0)
   shapes = {**deeplab_backbone_shapes(), **NON_BACKBONE_SHAPES}
   variables = {name: tf.Variable(random_tensor(rng, name, shape)) for name, shape in shapes.items()}
-  folder = tmp_path_factory.mktemp("xception")
+  (folder / "xception").mkdir(parents=True, exist_ok=True)
   prefix = tf.compat.v1.train.Saver(var_list=variables).save(
       None, str(folder / "xception" / "model.ckpt"), write_meta_graph=False)
   return tar_gz({f"xception/{path.name}": path.read_bytes()
                  for path in pathlib.Path(prefix).parent.glob("model.ckpt*")})
+
+
+@pytest.fixture(scope="module")
+def xception_archive(tmp_path_factory) -> bytes:
+  return make_xception_archive(tmp_path_factory.mktemp("xception"))
 
 
 def test_xception_by_name_loads_every_backbone_tensor_from_the_served_archive(
