@@ -81,7 +81,8 @@ def sample_data_dir() -> pathlib.Path:
 # launches that resume and one more in-process run), goes first.
 END_TO_END_MODULES_FIRST = ("test_train.py", "test_multiprocess.py", "test_preemption.py",
                          "test_notebook.py", "test_evaluate.py", "test_pseudoseg_step.py",
-                         "test_voc.py", "test_steps.py", "test_folder.py", "test_pipeline.py")
+                         "test_voc.py", "test_steps.py", "test_folder.py", "test_pipeline.py",
+                         "test_paper_config.py")
 
 # The tests of a kind other than unit, per module: "*" (all of them), a test's name (without its
 # parameters), or a module fixture that the tests using it share (the fixture is what trains).
@@ -92,6 +93,7 @@ OTHER_KINDS = {
     "test_gcs.py": {"runs": "end_to_end"},
     "test_folder.py": {"test_two_pseudoseg_steps_through_the_cli": "end_to_end"},
     "test_voc.py": {"test_pseudoseg_trains_on_voc_with_image_level_labels": "end_to_end"},
+    "test_paper_config.py": {"*": "end_to_end"},  # The paper's command, up to training's start.
     "test_multiprocess.py": {"runs": "multiprocess"},
     "test_notebook.py": {"*": "notebook"},
     "test_benchmarks.py": {"*": "benchmark"},
