@@ -352,20 +352,24 @@ def test_next_deeplab_size():
 
 
 # ---------------------------------------------------------------- acceptance: the CLI
-def run_timing_the_exit(args, last_line, timeout):
-  """(exit status, stdout and stderr, seconds from the first line holding `last_line` to the
-  process's exit, None when no line held it). Killed after `timeout` seconds."""
-  process = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             text=True)
+def run_watching_for(args, line_text, timeout, *, stop_there=False, env=None):
+  """(exit status, stdout and stderr, seconds from the first line holding `line_text` to the
+  process's exit, None when no line held it). Killed after `timeout` seconds, or at that line
+  with `stop_there` (SIGKILL: nothing after it runs)."""
+  process = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
   watchdog = threading.Timer(timeout, process.kill)
   watchdog.start()
   lines, seen_at = [], None
   try:
     for line in process.stdout:
       lines.append(line)
-      if seen_at is None and last_line in line:
+      if seen_at is None and line_text in line:
         seen_at = time.monotonic()
-    process.wait()
+        if stop_there:
+          process.kill()
+          break
+    process.communicate()
   finally:
     watchdog.cancel()
   linger = None if seen_at is None else time.monotonic() - seen_at
@@ -381,7 +385,7 @@ def test_two_pseudoseg_steps_through_the_cli(tmp_path, sample_data_dir):
   args = [sys.executable, "-m", "pseudoseg_jax.main",
           f"--config=configs/folder.py:root={root},steps=2,backbone=resnet_tiny,crop=33,batch=2",
           f"--workdir={workdir}"] + [f"--config.{k}={v}" for k, v in overrides.items()]
-  returncode, output, linger = run_timing_the_exit(args, "Final val/miou", timeout=600)
+  returncode, output, linger = run_watching_for(args, "Final val/miou", timeout=600)
   assert returncode == 0, output[-3000:]
   assert "2 labeled, 2 unlabeled, 1 val images; 21 classes" in output
   # 2-3 s of printing and interpreter teardown; released tf.data iterators used to hold the

@@ -12,10 +12,7 @@ all decided before it.
 import json
 import os
 import pathlib
-import signal
-import subprocess
 import sys
-import threading
 
 import numpy as np
 from PIL import Image
@@ -24,6 +21,7 @@ from pseudoseg_jax import workdirs
 from pseudoseg_jax.convert import named_weights
 from pseudoseg_jax.data import datasets
 
+from test_folder import run_watching_for
 from test_named_weights import Server, make_xception_archive
 from test_xception import deeplab_backbone_shapes
 
@@ -79,27 +77,6 @@ def make_voc_tree(root: pathlib.Path) -> dict[str, list[str]]:
   return ids
 
 
-def run_until_training_starts(args, env, timeout) -> tuple[str, bool]:
-  """(output, whether it logged STARTS): the command killed (SIGKILL) at that line, at its end, or
-  after `timeout` seconds."""
-  process = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True)
-  watchdog = threading.Timer(timeout, process.kill)
-  watchdog.start()
-  lines, started = [], False
-  try:
-    for line in process.stdout:
-      lines.append(line)
-      if STARTS in line:
-        started = True
-        break
-  finally:
-    watchdog.cancel()
-    process.send_signal(signal.SIGKILL)
-    process.communicate()
-  return "".join(lines), started
-
-
 def test_the_paper_command_starts_training_on_the_published_92_with_every_backbone_tensor(
     tmp_path):
   ids = make_voc_tree(tmp_path / "manual")
@@ -116,7 +93,8 @@ def test_the_paper_command_starts_training_on_the_published_92_with_every_backbo
     args += [f"--config.{name}={value}" for name, value in SMALL.items()]
     env = {**os.environ, named_weights.CACHE_ENV: str(tmp_path / "cache"),
            named_weights.MIRROR_ENV: server.url}
-    output, started = run_until_training_starts(args, env, timeout=240)
+    _, output, seen = run_watching_for(args, STARTS, timeout=240, stop_there=True, env=env)
+    started = seen is not None
   finally:
     server.close()
   assert started, output[-4000:]
