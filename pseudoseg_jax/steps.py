@@ -228,12 +228,14 @@ def ema_decay_at(decay: float, step, warmup: str = "average") -> jax.Array:
   return jnp.minimum(decay, 1.0 - 1.0 / (step + 1.0))
 
 
+def moving_average(old, new, decay):
+  """decay * old + (1 - decay) * new, leaf by leaf of two pytrees of one structure."""
+  return jax.tree.map(lambda o, n: decay * o + (1.0 - decay) * n, old, new)
+
+
 def ema_update(teacher: dict, params: dict, batch_stats: dict, decay) -> dict:
   """teacher <- decay * teacher + (1 - decay) * model, parameters and batch statistics alike."""
-  def average(old, new):
-    return decay * old + (1.0 - decay) * new
-  return {"params": jax.tree.map(average, teacher["params"], params),
-          "batch_stats": jax.tree.map(average, teacher["batch_stats"], batch_stats)}
+  return moving_average(teacher, {"params": params, "batch_stats": batch_stats}, decay)
 
 
 def initial_optimizer_state(tx: optax.GradientTransformation, params: dict):
@@ -580,9 +582,8 @@ def train_step(state: TrainState, batch: dict, total_steps: int | jax.Array | No
             labeled["mask"], config.data.ignore_label, config.data.num_classes),
         "predicted": metrics.pop(PREDICTED_FREQUENCIES)}
     decay = ema_decay_at(config.pseudoseg.distribution_alignment_momentum, state.step)
-    new_state = new_state.replace(class_frequencies=jax.tree.map(
-        lambda old, new: decay * old + (1.0 - decay) * new, state.class_frequencies,
-        batch_frequencies))
+    new_state = new_state.replace(class_frequencies=moving_average(
+        state.class_frequencies, batch_frequencies, decay))
   if config.skip_nonfinite_steps:
     new_state = keep_previous_unless(all_finite, new_state, state)
   return new_state, metrics
