@@ -417,7 +417,10 @@ def pseudo_label_metrics(weak: dict, pseudo: dict, strong: dict, unlabeled: dict
   """Quality against the unlabeled images' hidden ground truth, which no loss sees.
 
   '*_accuracy' is the class-balanced pixel accuracy (the mean over the classes present of their
-  recall), as the original monitors it: plain pixel accuracy is mostly background.
+  recall), as the original monitors it: plain pixel accuracy is mostly background. The
+  PSEUDO_LABEL_CLASS_COUNTS (per class: true, correctly and all pseudo-labeled pixels) are counts,
+  which train sums over a logging interval into per-class recall and precision: one batch holds too
+  few pixels of a rare class to read its recall from.
   """
   size = pseudo["targets"].shape[1:3]
   truth = pseudo_labels.resize_nearest(unlabeled["mask"], size)
@@ -426,10 +429,15 @@ def pseudo_label_metrics(weak: dict, pseudo: dict, strong: dict, unlabeled: dict
   pixels_per_class = jnp.sum(truth_one_hot, axis=(0, 1, 2))
   present = pixels_per_class > 0
 
-  def balanced_accuracy(scores):
+  def correct_per_class(scores):
     correct = (jnp.argmax(scores, axis=-1) == truth)[..., None] * truth_one_hot
-    recall = jnp.sum(correct, axis=(0, 1, 2)) / jnp.maximum(pixels_per_class, 1)
+    return jnp.sum(correct, axis=(0, 1, 2))
+
+  def balanced_accuracy(scores):
+    recall = correct_per_class(scores) / jnp.maximum(pixels_per_class, 1)
     return jnp.sum(jnp.where(present, recall, 0.0)) / jnp.maximum(jnp.sum(present), 1)
+
+  predicted = jax.nn.one_hot(jnp.argmax(pseudo["targets"], axis=-1), num_classes)
 
   valid_pixels = jnp.maximum(jnp.sum(pseudo["valid"]), 1)
   metrics = {"pseudo/accuracy": balanced_accuracy(pseudo["targets"]),
@@ -437,10 +445,16 @@ def pseudo_label_metrics(weak: dict, pseudo: dict, strong: dict, unlabeled: dict
              "pseudo/strong_accuracy": balanced_accuracy(strong["logits"]),
              "pseudo/confident_fraction": jnp.sum(pseudo["weights"]) / valid_pixels,
              "pseudo/mean_max_prob":
-                 jnp.sum(jnp.max(pseudo["targets"], axis=-1) * pseudo["valid"]) / valid_pixels}
+                 jnp.sum(jnp.max(pseudo["targets"], axis=-1) * pseudo["valid"]) / valid_pixels,
+             "pseudo/class_pixels": pixels_per_class,
+             "pseudo/class_correct": correct_per_class(pseudo["targets"]),
+             "pseudo/class_labeled": jnp.sum(predicted * counted[..., None], axis=(0, 1, 2))}
   if "sgc_logits" in pseudo:
     metrics["pseudo/sgc_accuracy"] = balanced_accuracy(pseudo["sgc_logits"])
   return metrics
+
+
+PSEUDO_LABEL_CLASS_COUNTS = ("pseudo/class_pixels", "pseudo/class_correct", "pseudo/class_labeled")
 
 
 def consistency_weight(config: ml_collections.ConfigDict, step) -> jax.Array:

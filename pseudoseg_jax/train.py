@@ -53,12 +53,31 @@ def raise_if_diverged(pending_metrics: list, last_step: int, manager) -> None:
 
 
 def average_pending(pending_metrics: list, source: datasets.Source) -> tuple[dict, int]:
-  """(the mean of each metric over the finite steps, how many steps were not finite)."""
+  """(the mean of each metric over the finite steps, how many steps were not finite). The
+  pseudo labels' per-class counts are summed instead, into their per-class recall and precision."""
   fetched = jax.device_get(pending_metrics)
   finite = [m for m in fetched if m["train/all_finite"]]
+  if not finite:
+    return {}, len(fetched)
+  counts = [name for name in steps.PSEUDO_LABEL_CLASS_COUNTS if name in finite[0]]
   averaged = {name: float(np.mean([m[name] for m in finite]))
-              for name in fetched[0] if name != "train/all_finite"} if finite else {}
+              for name in finite[0] if name != "train/all_finite" and name not in counts}
+  if counts:
+    averaged.update(per_class_pseudo_label_quality(
+        {name: np.sum([m[name] for m in finite], axis=0) for name in counts}))
   return without_unmeasured(averaged, source), len(fetched) - len(finite)
+
+
+def per_class_pseudo_label_quality(counts: dict) -> dict:
+  """Per-class recall (of the true pixels, the share the pseudo labels got right) and precision (of
+  the pixels pseudo-labeled as the class, the share that are it) from PSEUDO_LABEL_CLASS_COUNTS
+  summed over steps; NaN where a class has no such pixel. A class that the pseudo labels drop
+  shows as recall near 0 while the class-balanced accuracy barely moves."""
+  pixels, correct, labeled = (np.asarray(counts[name], np.float64)
+                              for name in steps.PSEUDO_LABEL_CLASS_COUNTS)
+  with np.errstate(divide="ignore", invalid="ignore"):
+    return {"pseudo/recall_per_class": np.where(pixels > 0, correct / pixels, np.nan),
+            "pseudo/precision_per_class": np.where(labeled > 0, correct / labeled, np.nan)}
 
 
 def previously_skipped_steps(workdir: str) -> int:
@@ -149,7 +168,7 @@ def without_unmeasured(metrics: dict, source: datasets.Source) -> dict:
   if source.unlabeled_has_masks:
     return metrics
   return {name: value for name, value in metrics.items()
-          if not (name.startswith("pseudo/") and name.endswith("accuracy"))}
+          if not (name.startswith("pseudo/") and name.endswith(("accuracy", "_per_class")))}
 
 
 def write_pseudo_label_summary(writer: writers.MetricWriter, images_fn, state: steps.TrainState,

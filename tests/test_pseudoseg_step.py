@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from pseudoseg_jax import config as config_lib
-from pseudoseg_jax import losses, pseudo_labels, sharding, steps
+from pseudoseg_jax import losses, pseudo_labels, sharding, steps, train
 from pseudoseg_jax.models.resize import resize_bilinear
 
 CROP = 33
@@ -210,6 +210,29 @@ def test_pseudo_label_accuracy_is_class_balanced_against_the_hidden_truth():
                                        num_classes=3, ignore_label=IGNORE)
   np.testing.assert_allclose(metrics["pseudo/accuracy"], 1.0, rtol=1e-6)
   np.testing.assert_allclose(metrics["pseudo/decoder_accuracy"], 0.25, rtol=1e-6)
+
+
+def test_pseudo_label_class_counts_sum_into_per_class_recall_and_precision():
+  # Step 1: truth [0, 0, 2, 2], pseudo labels [0, 2, 2, 0]. Step 2: truth [0, 2, 2, 2], pseudo
+  # labels [0, 2, 2, 2], its last pixel in the cutout. Class 0: 3 true pixels, 2 right, 3 labeled;
+  # class 2: 4 true, 3 right, 4 labeled; class 1 never true nor labeled.
+  def counts(truth, labels, valid):
+    outputs = {"logits": jax.nn.one_hot(jnp.array(labels), 3)}
+    pseudo = {"targets": outputs["logits"], "valid": jnp.array(valid, jnp.float32),
+              "weights": jnp.array(valid, jnp.float32)}
+    metrics = steps.pseudo_label_metrics(outputs, pseudo, outputs,
+                                         {"mask": np.array(truth, np.int32)},
+                                         num_classes=3, ignore_label=IGNORE)
+    return {name: metrics[name] for name in steps.PSEUDO_LABEL_CLASS_COUNTS}
+
+  first = counts([[[0, 0], [2, 2]]], [[[0, 2], [2, 0]]], [[[1, 1], [1, 1]]])
+  second = counts([[[0, 2], [2, 2]]], [[[0, 2], [2, 2]]], [[[1, 1], [1, 0]]])
+  np.testing.assert_array_equal(first["pseudo/class_pixels"], [2, 0, 2])
+  np.testing.assert_array_equal(second["pseudo/class_correct"], [1, 0, 2])
+  summed = {name: np.sum([first[name], second[name]], axis=0) for name in first}
+  quality = train.per_class_pseudo_label_quality(summed)
+  np.testing.assert_allclose(quality["pseudo/recall_per_class"], [2 / 3, np.nan, 3 / 4])
+  np.testing.assert_allclose(quality["pseudo/precision_per_class"], [2 / 3, np.nan, 3 / 4])
 
 
 def test_consistency_weight_is_constant_or_ramped_up():

@@ -117,6 +117,8 @@ def test_cli_writes_the_workdir_contract(cli_run):
   assert [m["step"] for m in metrics if "val/miou" in m] == [RUN_STEPS]
   for name in ("train/consistency_loss", "train/sgc_loss", "pseudo/accuracy"):
     assert 0 <= metrics[0][name] < 100, name
+  for name in ("pseudo/recall_per_class", "pseudo/precision_per_class"):  # None: no such pixel.
+    assert len(metrics[0][name]) == 8 and all(v is None or 0 <= v <= 1 for v in metrics[0][name])
   # Every 3 steps, the last 3 kept (keep_checkpoints).
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints")), key=int) == ["6", "9", "12"]
   assert tensorboard_image_steps(os.path.join(workdir, "tensorboard")) == [1, 6, 12]
