@@ -3,7 +3,8 @@ rest of train unlabeled, and the supervised ceiling with every train image label
 
   python benchmarks/label_scarce.py --out=workdirs/label_scarce [--seeds=0,1,2]
       [--root=../shared/data/stanford_background] [--ignore_label=15] [--fractions=1_32,1_8]
-      [--preset=cpu] [--steps=N] [--ablations=paper,no_cutmix,...] [--report_only]
+      [--preset=cpu] [--steps=N] [--runs=supervised,pseudoseg,weak_labels]
+      [--ablations=paper,no_cutmix,...] [--report_only]
 
 The dataset is a folder dataset (pseudoseg_jax/data/datasets/folder.py): ROOT/images, masks,
 splits/val.txt; with no splits/labeled.txt, the labeled pool is every masked image outside val.
@@ -43,6 +44,9 @@ SEMI_SUPERVISED_RUNS = {
     "pseudoseg (image-level labels)": {"method": "pseudoseg", "weak_labels": "true"},
 }
 WEAK_LABELS_ONLY_AT_SMALLEST = "pseudoseg (image-level labels)"
+# --runs: which of SEMI_SUPERVISED_RUNS to train (all by default).
+RUN_FLAGS = {"supervised": "supervised", "pseudoseg": "pseudoseg",
+             "weak_labels": WEAK_LABELS_ONLY_AT_SMALLEST}
 # --ablations: the preset's PseudoSeg with one option changed, at the smallest fraction.
 ABLATIONS = {
     "paper": {"pseudoseg.teacher": "student", "pseudoseg.soft_labels": True,
@@ -116,6 +120,8 @@ def main():
   parser.add_argument("--ceiling_seeds", default=None,
                       help="Seeds of the all-labeled run (default: the first of --seeds).")
   parser.add_argument("--skip_ceiling", action="store_true")
+  parser.add_argument("--runs", default=",".join(RUN_FLAGS),
+                      help=f"Comma-separated, of {', '.join(RUN_FLAGS)}: the rows to train.")
   parser.add_argument("--ablations", default="",
                       help=f"Comma-separated, at the smallest fraction: {', '.join(ABLATIONS)}.")
   parser.add_argument("--report_only", action="store_true",
@@ -128,6 +134,12 @@ def main():
                    [int(s) for s in args.ceiling_seeds.split(",")] if args.ceiling_seeds
                    else seeds[:1])
 
+  runs = [r for r in args.runs.split(",") if r]
+  unknown = sorted(set(runs) - set(RUN_FLAGS))
+  if unknown:
+    parser.error(f"--runs: unknown {', '.join(unknown)}; known: {', '.join(RUN_FLAGS)}.")
+  chosen_runs = {RUN_FLAGS[r] for r in runs}
+
   ablations = [a for a in args.ablations.split(",") if a]
   unknown = sorted(set(ablations) - set(ABLATIONS))
   if unknown:
@@ -137,7 +149,8 @@ def main():
   for seed in seeds:  # Seed-major: a partial benchmark has every row at the first seeds.
     for fraction in fractions:
       for name, run in SEMI_SUPERVISED_RUNS.items():
-        if name == WEAK_LABELS_ONLY_AT_SMALLEST and fraction != fractions[0]:
+        if name not in chosen_runs or (name == WEAK_LABELS_ONLY_AT_SMALLEST
+                                       and fraction != fractions[0]):
           continue
         table.setdefault((fraction, name), []).append(one_run(args, name, fraction, seed, run))
     for ablation in ablations:

@@ -212,3 +212,12 @@ def test_label_scarce_ablations_are_valid_configs(ablation):
     assert name in config[section], f"{ablation}: {field} is not a config field"
     config[section][name] = value
   config_lib.validate(config)
+
+
+def test_label_scarce_refuses_an_unknown_row_by_name(monkeypatch, tmp_path, capsys):
+  monkeypatch.setattr(sys, "argv", ["label_scarce.py", f"--out={tmp_path}",
+                                    "--runs=supervised,semi"])
+  with pytest.raises(SystemExit):
+    label_scarce.main()
+  assert "--runs: unknown semi" in capsys.readouterr().err
+  assert not os.listdir(tmp_path)  # Refused before anything ran.
