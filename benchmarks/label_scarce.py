@@ -165,6 +165,7 @@ def main():
   table = {key: runs for key, runs in table.items() if runs}
   text = "\n".join(table_lines(table, args))
   print(text)
+  os.makedirs(args.out, exist_ok=True)  # --report_only on an empty --out still writes its table.
   with open(os.path.join(args.out, "results.md"), "w") as f:
     f.write(text + "\n")
   with open(os.path.join(args.out, "results.json"), "w") as f:
