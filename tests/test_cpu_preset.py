@@ -40,6 +40,10 @@ def test_cpu_preset_is_the_pretrained_light_recipe(preset_config):
   assert config.pseudoseg.teacher == "ema"
   assert config.pseudoseg.cutmix_probability > 0 and config.pseudoseg.class_balanced_fraction > 0
   assert config.crop_size % 32 == 1  # Where 'SAME' padding equals the model's symmetric padding.
+  # The schedule label_scarce.py measured, and a ramp-up over its first fifth whatever steps=N.
+  assert (config.total_steps, config.pseudoseg.consistency_rampup_steps) == (500, 100)
+  shorter = folder_config.get_config(f"root={config.data.root},preset=cpu,steps=250")
+  assert (shorter.total_steps, shorter.pseudoseg.consistency_rampup_steps) == (250, 50)
 
 
 def test_unknown_preset_is_refused(preset_config):
