@@ -2,7 +2,7 @@
 rest of train unlabeled, and the supervised ceiling with every train image labeled.
 
   python benchmarks/label_scarce.py --out=workdirs/label_scarce [--seeds=0,1,2]
-      [--root=../shared/data/stanford_background] [--ignore_label=15] [--fractions=1_32,1_8]
+      --root=PATH/TO/stanford_background [--ignore_label=15] [--fractions=1_32,1_8]
       [--preset=cpu] [--steps=N] [--runs=supervised,pseudoseg,weak_labels]
       [--ablations=paper,no_cutmix,...] [--report_only]
 
@@ -37,7 +37,6 @@ import statistics
 from pseudoseg_vs_supervised import PSEUDO_METRICS, run_name, summarize, train_run
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_ROOT = os.path.join(os.path.dirname(REPO), "shared", "data", "stanford_background")
 
 SEMI_SUPERVISED_RUNS = {
     "supervised": {"method": "supervised"},
@@ -112,7 +111,8 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--out", required=True)
-  parser.add_argument("--root", default=DEFAULT_ROOT)
+  parser.add_argument("--root", required=True,
+                      help="The folder dataset, e.g. a copy of stanford_background.")
   parser.add_argument("--ignore_label", type=int, default=15)
   parser.add_argument("--fractions", default="1_32,1_8")
   parser.add_argument("--seeds", default="0,1,2")

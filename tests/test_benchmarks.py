@@ -215,7 +215,7 @@ def test_label_scarce_ablations_are_valid_configs(ablation):
 
 
 def test_label_scarce_refuses_an_unknown_row_by_name(monkeypatch, tmp_path, capsys):
-  monkeypatch.setattr(sys, "argv", ["label_scarce.py", f"--out={tmp_path}",
+  monkeypatch.setattr(sys, "argv", ["label_scarce.py", f"--out={tmp_path}", f"--root={tmp_path}",
                                     "--runs=supervised,semi"])
   with pytest.raises(SystemExit):
     label_scarce.main()
