@@ -36,7 +36,6 @@ import statistics
 
 from pseudoseg_vs_supervised import PSEUDO_METRICS, run_name, summarize, train_run
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SEMI_SUPERVISED_RUNS = {
     "supervised": {"method": "supervised"},
