@@ -57,6 +57,9 @@ ABLATIONS = {
     "no_rampup": {"pseudoseg.consistency_rampup_steps": 0},
     "decoder_labels": {"pseudoseg.pseudo_label_source": "decoder"},
     "distribution_alignment": {"pseudoseg.distribution_alignment": True},
+    "debias": {"pseudoseg.distribution_alignment": True,
+               "pseudoseg.distribution_alignment_target": "uniform",
+               "pseudoseg.distribution_alignment_strength": 0.5},
 }
 
 

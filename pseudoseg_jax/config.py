@@ -17,6 +17,7 @@ METHODS = ("supervised", "pseudoseg")
 PSEUDO_LABEL_SOURCES = ("fusion", "decoder", "sgc")
 TEACHERS = ("student", "ema")
 EMA_WARMUPS = ("average", "recent")  # steps.ema_decay_at.
+ALIGNMENT_TARGETS = ("labeled", "uniform")  # steps.alignment_target.
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -159,6 +160,11 @@ def base_config() -> ml_collections.ConfigDict:
   # running averages with this momentum, so that rare labeled classes stay in the pseudo labels.
   config.pseudoseg.distribution_alignment = False
   config.pseudoseg.distribution_alignment_momentum = 0.99
+  # What the teacher's class frequencies are scaled towards: "labeled" (ReMixMatch) or "uniform"
+  # (DebiasPL: divide by the teacher's own running class prior, whatever the labeled images hold).
+  config.pseudoseg.distribution_alignment_target = "labeled"
+  # The scaling's exponent: (target / predicted)^strength; 1 = full alignment, 0 = none.
+  config.pseudoseg.distribution_alignment_strength = 1.0
   # With weak_labels: the pseudo labels keep only the classes the image-level labels name
   # (pseudo_labels.restrict_to_present_classes). False = the original (only the CAM uses them).
   config.pseudoseg.restrict_to_image_labels = False
@@ -281,6 +287,12 @@ def _validate_pseudoseg(section: ml_collections.ConfigDict) -> None:
                 "distribution_alignment_momentum"):
     if not 0 <= section[field] <= 1:
       raise ValueError(f"config.pseudoseg.{field} must be in [0, 1], got {section[field]}.")
+  if section.distribution_alignment_target not in ALIGNMENT_TARGETS:
+    raise ValueError("config.pseudoseg.distribution_alignment_target must be one of "
+                     f"{ALIGNMENT_TARGETS}, got {section.distribution_alignment_target!r}.")
+  if section.distribution_alignment_strength < 0:
+    raise ValueError("config.pseudoseg.distribution_alignment_strength must be >= 0, got "
+                     f"{section.distribution_alignment_strength}.")
   if section.cutout_size < 0:
     raise ValueError(f"config.pseudoseg.cutout_size must be >= 0, got {section.cutout_size}.")
 

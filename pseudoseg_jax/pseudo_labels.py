@@ -235,15 +235,19 @@ def restrict_to_present_classes(probs: jax.Array, image_labels: jax.Array) -> ja
 
 
 def align_distribution(probs: jax.Array, target_frequencies: jax.Array,
-                       predicted_frequencies: jax.Array) -> jax.Array:
-  """probs [N, H, W, C] times target / predicted frequency per class, renormalized (ReMixMatch's
-  distribution alignment). A teacher trained on few labeled images under-predicts their rare
-  classes, and hard or confident pseudo labels then teach it to drop them altogether; scaling
-  each class by how much rarer it is in the teacher's output than in the labels gives it back.
-  Uniform frequencies leave probs as they were."""
+                       predicted_frequencies: jax.Array, strength: float = 1.0) -> jax.Array:
+  """probs [N, H, W, C] times (target / predicted frequency)^strength per class, renormalized.
+
+  With the labeled masks' frequencies as the target this is ReMixMatch's distribution alignment;
+  with a uniform target it is DebiasPL's debiasing (logits minus strength * log of the teacher's
+  own class prior). A teacher trained on few labeled images under-predicts their rare classes,
+  and hard or confident pseudo labels then teach it to drop them altogether; scaling each class by
+  how much rarer it is in the teacher's output than in the target gives it back. Uniform
+  frequencies, or strength 0, leave probs as they were.
+  """
   ratio = ((target_frequencies + FREQUENCY_EPSILON) /
-           (predicted_frequencies + FREQUENCY_EPSILON)).astype(probs.dtype)
-  aligned = probs * ratio
+           (predicted_frequencies + FREQUENCY_EPSILON)) ** strength
+  aligned = probs * ratio.astype(probs.dtype)
   return aligned / jnp.maximum(jnp.sum(aligned, axis=-1, keepdims=True), 1e-12)
 
 

@@ -308,7 +308,8 @@ def make_pseudo_labels(model: nnx.Module, weak_logits: jax.Array, unlabeled: dic
   the SGC is used, 'predicted_frequencies' [C] with `class_frequencies`}. The CAM reads an
   inference-mode backbone pass: `inference_features` when the caller already has one (an EMA
   teacher's weak pass), else one more pass. `class_frequencies` (TrainState's) aligns the
-  probabilities with the labeled images' class frequencies before anything else uses them.
+  probabilities with the labeled images' class frequencies, or debiases them towards uniform
+  ones (config.pseudoseg.distribution_alignment_target), before anything else uses them.
   """
   options = config.pseudoseg
   weak_logits = jax.lax.stop_gradient(weak_logits)
@@ -338,8 +339,9 @@ def make_pseudo_labels(model: nnx.Module, weak_logits: jax.Array, unlabeled: dic
           group_size=options.fusion_group_size, calibrate=options.calibrated)
   if class_frequencies is not None:
     outputs["predicted_frequencies"] = pseudo_labels.predicted_class_frequencies(probs, valid)
-    probs = pseudo_labels.align_distribution(probs, class_frequencies["labeled"],
-                                             class_frequencies["predicted"])
+    probs = pseudo_labels.align_distribution(
+        probs, alignment_target(class_frequencies["labeled"], options.distribution_alignment_target),
+        class_frequencies["predicted"], options.distribution_alignment_strength)
   if options.weak_labels and options.restrict_to_image_labels:
     probs = pseudo_labels.restrict_to_present_classes(probs, unlabeled["image_labels"])
   if options.soft_labels:
@@ -355,6 +357,15 @@ def make_pseudo_labels(model: nnx.Module, weak_logits: jax.Array, unlabeled: dic
     confident = (jnp.max(scores, axis=-1) >= options.confidence_threshold).astype(jnp.float32)
   outputs.update(targets=targets, weights=valid * confident)
   return jax.lax.stop_gradient(outputs)
+
+
+def alignment_target(labeled_frequencies: jax.Array, target: str) -> jax.Array:
+  """The class frequencies distribution alignment scales the teacher's towards: the labeled
+  masks' ('labeled') or equal ones ('uniform', which debiases without trusting a few labeled
+  images' class shares)."""
+  if target == "uniform":
+    return jnp.full_like(labeled_frequencies, 1.0 / labeled_frequencies.shape[-1])
+  return labeled_frequencies
 
 
 def unlabeled_forward(model: nnx.Module, unlabeled: dict, key: jax.Array, *,

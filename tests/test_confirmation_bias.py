@@ -117,6 +117,48 @@ def test_distribution_alignment_known_answer():
                              rtol=1e-6)
 
 
+def test_distribution_alignment_strength_is_an_exponent_of_the_ratio():
+  probs = jnp.array([0.5, 0.3, 0.2]).reshape(1, 1, 1, 3)
+  target, predicted = jnp.array([0.2, 0.3, 0.5]), jnp.array([0.4, 0.3, 0.3])
+  half = pseudo_labels.align_distribution(probs, target, predicted, strength=0.5)
+  expected = np.array([0.5, 0.3, 0.2]) * np.sqrt([0.5, 1.0, 5 / 3])
+  np.testing.assert_allclose(half.ravel(), expected / expected.sum(), rtol=1e-5)
+  np.testing.assert_allclose(pseudo_labels.align_distribution(probs, target, predicted, 0.0),
+                             probs, rtol=1e-6)
+
+
+def test_debiasing_divides_by_the_teachers_prior_whatever_the_labeled_frequencies():
+  """target 'uniform' (DebiasPL): p / prior^strength, renormalized; the labeled images' class
+  shares, which 'labeled' would align to, play no part."""
+  config = tiny_config(pseudo_label_source="decoder", soft_labels=True, temperature=1.0,
+                       distribution_alignment=True, distribution_alignment_target="uniform",
+                       distribution_alignment_strength=1.0)
+  logits = jax.random.normal(jax.random.key(0), (2, 3, 3, NUM_CLASSES))
+  unlabeled = {"valid": jnp.ones((2, 3, 3), jnp.int32)}
+  prior = jnp.linspace(1.0, 2.0, NUM_CLASSES) / jnp.sum(jnp.linspace(1.0, 2.0, NUM_CLASSES))
+  labeled = jnp.zeros(NUM_CLASSES).at[0].set(1.0)  # All background: ignored by 'uniform'.
+  pseudo = steps.make_pseudo_labels(None, logits, unlabeled, config=config,
+                                    class_frequencies={"labeled": labeled, "predicted": prior})
+  debiased = jax.nn.softmax(logits, axis=-1) / prior
+  np.testing.assert_allclose(pseudo["targets"], debiased / debiased.sum(-1, keepdims=True),
+                             rtol=1e-4, atol=1e-6)
+  config.pseudoseg.distribution_alignment_target = "labeled"
+  aligned = steps.make_pseudo_labels(None, logits, unlabeled, config=config,
+                                     class_frequencies={"labeled": labeled, "predicted": prior})
+  assert np.all(np.argmax(aligned["targets"], -1) == 0)
+
+
+def test_config_rejects_unknown_alignment_target_and_negative_strength():
+  config = tiny_config()
+  config.pseudoseg.distribution_alignment_target = "balanced"
+  with pytest.raises(ValueError, match="distribution_alignment_target"):
+    config_lib.validate(config)
+  config = tiny_config()
+  config.pseudoseg.distribution_alignment_strength = -1.0
+  with pytest.raises(ValueError, match="distribution_alignment_strength"):
+    config_lib.validate(config)
+
+
 def test_class_frequencies_of_masks_and_of_probabilities():
   mask = jnp.array([[[0, 1], [1, IGNORE_LABEL]]])
   np.testing.assert_allclose(pseudo_labels.labeled_class_frequencies(mask, IGNORE_LABEL, 3),
