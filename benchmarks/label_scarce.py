@@ -18,7 +18,9 @@ seed (data.split_seed = seed, so each seed sees other labeled images), and the r
   pseudoseg (image-level labels)  the same with the unlabeled images' image-level labels (at the
                                   smallest fraction only);
 --ablations adds, at the smallest fraction, PseudoSeg with one of the preset's options changed
-(ABLATIONS: "paper" is the original's recipe on the preset's model and schedule);
+(ABLATIONS: "paper" is the original's recipe on the preset's model and schedule; "debias" divides
+the teacher's probabilities by the square root of its running class prior, as DebiasPL;
+"debias_image_labels" does so with image-level labels);
 and the ceiling, supervised on all of train, at the --ceiling_seeds (default: the first seed only;
 its labels are the same at every seed, only the training randomness differs). Every run has the same steps and
 batches; each is the ordinary training command in its own workdir under --out, so an
@@ -46,6 +48,10 @@ WEAK_LABELS_ONLY_AT_SMALLEST = "pseudoseg (image-level labels)"
 # --runs: which of SEMI_SUPERVISED_RUNS to train (all by default).
 RUN_FLAGS = {"supervised": "supervised", "pseudoseg": "pseudoseg",
              "weak_labels": WEAK_LABELS_ONLY_AT_SMALLEST}
+# DebiasPL's debiasing of the teacher's class prior, at half strength.
+DEBIAS = {"pseudoseg.distribution_alignment": True,
+          "pseudoseg.distribution_alignment_target": "uniform",
+          "pseudoseg.distribution_alignment_strength": 0.5}
 # --ablations: the preset's PseudoSeg with one option changed, at the smallest fraction.
 ABLATIONS = {
     "paper": {"pseudoseg.teacher": "student", "pseudoseg.soft_labels": True,
@@ -57,9 +63,8 @@ ABLATIONS = {
     "no_rampup": {"pseudoseg.consistency_rampup_steps": 0},
     "decoder_labels": {"pseudoseg.pseudo_label_source": "decoder"},
     "distribution_alignment": {"pseudoseg.distribution_alignment": True},
-    "debias": {"pseudoseg.distribution_alignment": True,
-               "pseudoseg.distribution_alignment_target": "uniform",
-               "pseudoseg.distribution_alignment_strength": 0.5},
+    "debias": DEBIAS,
+    "debias_image_labels": {**DEBIAS, "pseudoseg.weak_labels": True},
 }
 
 
