@@ -36,9 +36,9 @@ mIoU; README.md, "Real photos with few labels"): 500 steps, supervised 51.2 +- 7
 53.4 +- 4.0 (gain +2.1 +- 3.1: +5.5, +1.5, -0.6 per seed), with image-level labels 52.7 +- 5.9,
 all 572 labeled 60.6; 250 steps, supervised 46.5 +- 6.2, PseudoSeg 47.8 +- 4.9 (gain +1.3 +- 2.7),
 at 1/8 a gain of +0.7 +- 2.5. Options tried on top of it and not adopted (distribution alignment,
-a recent-model teacher warm-up, Adam, a longer ramp, decoder-only labels, the paper's own recipe,
-narrower training scales): BENCHMARKS.md, 2026-12-05; `benchmarks/label_scarce.py
---ablations=...` reruns most of them.
+DebiasPL's debiasing: 53.6 +- 4.0 at 500 steps, a recent-model teacher warm-up, Adam, a longer
+ramp, decoder-only labels, the paper's own recipe, narrower training scales): BENCHMARKS.md,
+2026-12-05; `benchmarks/label_scarce.py --ablations=...` reruns most of them.
 
 preset=gpu (the default): ResNet-50 from scratch with Adam, 20,000 steps of crop 321, the paper's
 PseudoSeg (soft fused labels, the network as its own teacher). For a GPU; NOT measured on real data
