@@ -147,15 +147,14 @@ def get_config(arg: str | None = None):
   config.pseudoseg.fusion_group_size = 4 if config.batch_size % 4 == 0 else 1
   config.pseudoseg.weak_labels = config_lib.parse_bool(args.get("weak_labels", "false"),
                                                        "weak_labels")
-  # The original's 100 px box on 513 px crops, scaled to this crop.
-  config.pseudoseg.cutout_size = round(config.crop_size * 100 / 513)
 
   preset = args.get("preset", "gpu")
   if preset not in PRESETS:
     raise ValueError(f"folder.py preset={preset!r}: one of {', '.join(PRESETS)}.")
   if preset == "cpu":
     use_cpu_preset(config, args)
-    config.pseudoseg.cutout_size = round(config.crop_size * 100 / 513)
+  # The original's 100 px box on 513 px crops, scaled to the (preset's) crop.
+  config.pseudoseg.cutout_size = round(config.crop_size * 100 / 513)
 
   config.log_every = 50
   config.image_summary_every = 1_000
