@@ -2,8 +2,8 @@
 same labeled subset and steps, several seeds; then the paper's ablations at one seed.
 
   python benchmarks/pseudoseg_vs_supervised.py --out=workdirs/benchmark [--seeds=0,1,2]
-      [--config=configs/demo.py] [--num_labeled=100] [--steps=1000] [--only=main|reference|ablations|all]
-      [--report_only]
+      [--config=configs/demo.py] [--num_labeled=20] [--steps=1000] [--only=main|reference|ablations|all]
+      [--runs=supervised,pseudoseg,image_labels] [--report_only]
 
 Each run is the ordinary training command (`python -m pseudoseg_jax.main ...`) in its own workdir
 under --out, so an interrupted benchmark resumes where it stopped (finished runs are read back from
@@ -34,6 +34,8 @@ MAIN_RUNS = {
     "pseudoseg (unlabeled)": {"method": "pseudoseg", "pseudoseg.weak_labels": False},
     "pseudoseg (image-level labels)": {"method": "pseudoseg", "pseudoseg.weak_labels": True},
 }
+# --runs: the short names of MAIN_RUNS, to train only some of them (e.g. one per process).
+RUN_KEYS = dict(zip(("supervised", "pseudoseg", "image_labels"), MAIN_RUNS))
 # What full supervision reaches in the same steps: the most any use of the unlabeled images could
 # add at this budget (one seed).
 REFERENCE_RUNS = {
@@ -139,20 +141,26 @@ def main():
   parser.add_argument("--out", required=True)
   parser.add_argument("--config", default="configs/demo.py")
   parser.add_argument("--seeds", default="0,1,2")
-  parser.add_argument("--num_labeled", type=int, default=100)
+  parser.add_argument("--num_labeled", type=int, default=20)
   parser.add_argument("--steps", type=int, default=1000)
   parser.add_argument("--only", choices=("main", "reference", "ablations", "all"), default="all")
+  parser.add_argument("--runs", default=",".join(RUN_KEYS),
+                      help="Which of the main runs to train: " + ", ".join(RUN_KEYS) + ".")
   parser.add_argument("--report_only", action="store_true",
                       help="Tabulate the finished runs; train nothing.")
   args = parser.parse_args()
   seeds = [int(s) for s in args.seeds.split(",")]
+  unknown = sorted(set(args.runs.split(",")) - set(RUN_KEYS))
+  if unknown:
+    parser.error(f"--runs: unknown {', '.join(unknown)}; known: {', '.join(RUN_KEYS)}.")
+  main_runs = {RUN_KEYS[key]: MAIN_RUNS[RUN_KEYS[key]] for key in args.runs.split(",")}
   out = os.path.abspath(args.out)
   os.makedirs(out, exist_ok=True)
 
   table = {}
   if args.only in ("main", "all"):
     for seed in seeds:  # Seed-major, so a partial benchmark has every method at the first seeds.
-      for name, overrides in MAIN_RUNS.items():
+      for name, overrides in main_runs.items():
         table.setdefault(name, []).append(train(out, name, overrides, seed, args))
   if args.only in ("reference", "all"):
     for name, overrides in REFERENCE_RUNS.items():

@@ -136,6 +136,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.pseudoseg.confidence_threshold = 0.0  # Pixels below it do not count; 0 = all count.
   config.pseudoseg.strong_augment = True  # False: the strong view is the weak view.
   config.pseudoseg.cutout_size = 100  # Side of the strong view's cutout box in pixels; 0 = none.
+  # The strong view's colour jitter strengths (brightness, contrast, saturation, hue), SPEC's by
+  # default. A hue of 0.25 turns green into blue or red: lower it where colour tells the classes.
+  config.pseudoseg.color_jitter = (0.5, 0.5, 0.5, 0.25)
   config.pseudoseg.consistency_weight = 1.0
   # Not in the original (0 = off): raise the consistency weight from 0 over this many steps, for
   # models trained from scratch whose first pseudo labels are noise (see steps.consistency_weight).
@@ -295,6 +298,19 @@ def _validate_pseudoseg(section: ml_collections.ConfigDict) -> None:
                      f"{section.distribution_alignment_strength}.")
   if section.cutout_size < 0:
     raise ValueError(f"config.pseudoseg.cutout_size must be >= 0, got {section.cutout_size}.")
+  _check_color_jitter(tuple(section.color_jitter))
+
+
+def _check_color_jitter(strengths: tuple) -> None:
+  """Brightness in [0, 1]; contrast and saturation in [0, 1] (their factors stay >= 0); hue in
+  [0, 0.5] (half a turn either way covers the circle)."""
+  names = ("brightness", "contrast", "saturation", "hue")
+  if len(strengths) != len(names):
+    raise ValueError("config.pseudoseg.color_jitter must be 4 strengths (brightness, contrast, "
+                     f"saturation, hue), got {strengths!r}.")
+  for name, value, high in zip(names, strengths, (1.0, 1.0, 1.0, 0.5)):
+    if not 0 <= value <= high:
+      raise ValueError(f"config.pseudoseg.color_jitter: {name} must be in [0, {high}], got {value}.")
 
 
 def parse_args(arg: str | None, known: tuple, source: str) -> dict:

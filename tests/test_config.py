@@ -46,6 +46,9 @@ def test_unknown_field_is_named_with_a_suggestion():
     ("pseudoseg.temperature", 0.0, "temperature must be > 0"),
     ("pseudoseg.confidence_threshold", 1.0, r"confidence_threshold must be in \[0, 1\)"),
     ("pseudoseg.cutout_size", -1, "cutout_size must be >= 0"),
+    ("pseudoseg.color_jitter", (0.5, 0.5, 0.5), r"color_jitter must be 4 strengths"),
+    ("pseudoseg.color_jitter", (0.5, 0.5, 0.5, 0.6), r"color_jitter: hue must be in \[0, 0.5\], got 0.6"),
+    ("pseudoseg.color_jitter", (0.5, -0.1, 0.5, 0.2), r"color_jitter: contrast must be in"),
     ("pseudoseg.consistency_rampup_steps", -5, "consistency_rampup_steps must be >= 0"),
     ("model.sgc_attention_dim", 0, "sgc_attention_dim must be a positive int"),
 ])

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from pseudoseg_jax.data import augment, pipeline
+from pseudoseg_jax.data import augment, color, pipeline
 
 NUM_CLASSES = 9
 IGNORE = 255
@@ -253,12 +253,12 @@ def blocky_example():
           "mask": coordinate_example()["mask"]}
 
 
-def both_views(example, jitter_colors=None):
+def both_views(example, jitter_colors=None, color_jitter=color.SPEC_JITTER):
   """augment_unlabeled_example for NUM_VIEW_SEEDS seeds, in Dataset.map; checked equal eagerly."""
   def views(seed):
     return pipeline.augment_unlabeled_example(
         example, seed, crop_size=VIEW_CROP, scales=VIEW_SCALES, ignore_label=-1, num_classes=2,
-        cutout_size=VIEW_CUTOUT, jitter_colors=jitter_colors)
+        cutout_size=VIEW_CUTOUT, jitter_colors=jitter_colors, color_jitter=color_jitter)
   seeds = np.stack([np.arange(NUM_VIEW_SEEDS), np.full(NUM_VIEW_SEEDS, 99)], axis=1)
   outs = list(tf.data.Dataset.from_tensor_slices(seeds).map(views).as_numpy_iterator())
   tf.nest.map_structure(np.testing.assert_array_equal,
@@ -343,6 +343,26 @@ def test_colour_jitter_changes_colours_but_not_where_pixels_go():
       members = strong[groups.ravel() == group]
       assert np.ptp(members, axis=0).max() <= 1e-4
     assert not np.allclose(strong, out["weak_image"][real], atol=0.05)
+
+
+def test_zero_colour_jitter_strengths_leave_the_strong_view_the_weak_view_with_a_hole():
+  for out in both_views(blocky_example(), color_jitter=(0.0, 0.0, 0.0, 0.0)):
+    box, padding = cutout_and_padding(out)
+    real = ~(padding | box)
+    np.testing.assert_allclose(out["strong_image"][real], out["weak_image"][real], atol=2e-5)
+
+
+def test_hue_only_jitter_keeps_each_pixels_brightest_and_darkest_channel_values():
+  """A hue rotation permutes and blends channels between a pixel's max and min, keeping both."""
+  changed = 0
+  for out in both_views(blocky_example(), color_jitter=(0.0, 0.0, 0.0, 0.25)):
+    box, padding = cutout_and_padding(out)
+    real = ~(padding | box)
+    weak, strong = out["weak_image"][real], out["strong_image"][real]
+    np.testing.assert_allclose(strong.max(-1), weak.max(-1), atol=1e-4)
+    np.testing.assert_allclose(strong.min(-1), weak.min(-1), atol=1e-4)
+    changed += not np.allclose(strong, weak, atol=0.05)
+  assert changed >= NUM_VIEW_SEEDS // 2
 
 
 # ----------------------------------------------------------------------------- evaluation stream

@@ -17,6 +17,11 @@ from typing import NamedTuple
 
 import tensorflow as tf
 
+# The strengths color_jitter takes, in this order, and SPEC's values for them.
+JITTER_FIELDS = ("brightness", "contrast", "saturation", "hue")
+SPEC_JITTER = (0.5, 0.5, 0.5, 0.25)
+
+
 class ColorJitter(NamedTuple):
   """One sampled colour jitter, on images in [0, 1].
 

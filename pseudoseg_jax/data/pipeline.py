@@ -75,7 +75,8 @@ def unlabeled_stream(dataset: tf.data.Dataset, *, batch_size: int, crop_size: au
                      scales: Sequence[float] = augment.DEFAULT_SCALES, ignore_label: int,
                      num_classes: int, seed: Seed, process_index: int = 0,
                      process_count: int = 1, shuffle_buffer: int = 2_048,
-                     strong_augment: bool = True, cutout_size: int = 0, start_batch: int = 0,
+                     strong_augment: bool = True, cutout_size: int = 0,
+                     color_jitter: Sequence[float] = color.SPEC_JITTER, start_batch: int = 0,
                      num_examples: Optional[int] = None) -> tf.data.Dataset:
   """Infinite stream of (weak, strong) view pairs; a deterministic function of (seed, process),
   which `start_batch` seeks into as in `labeled_stream`.
@@ -93,11 +94,14 @@ def unlabeled_stream(dataset: tf.data.Dataset, *, batch_size: int, crop_size: au
     'image_labels': float32 [B, num_classes - 1]: classes present in 'mask' outside the cutout box
       (as the original), for the weakly-labeled setting.
   `cutout_size` is the box side in pixels (SPEC: 100 for crop 513; 0 = no cutout).
+  `color_jitter` is the strong view's (brightness, contrast, saturation, hue) strengths
+  (color.color_jitter; SPEC's by default).
   """
   read_example = functools.partial(_image_and_mask, missing_mask_label=ignore_label)
   augment_example = functools.partial(
       augment_unlabeled_example, crop_size=crop_size, scales=scales, ignore_label=ignore_label,
-      num_classes=num_classes, strong_augment=strong_augment, cutout_size=cutout_size)
+      num_classes=num_classes, strong_augment=strong_augment, cutout_size=cutout_size,
+      color_jitter=color_jitter)
   return _training_stream(
       dataset, read_example, augment_example, batch_size=batch_size, seed=seed,
       stream_tag=UNLABELED_STREAM_TAG, process_index=process_index, process_count=process_count,
@@ -117,11 +121,12 @@ def augment_labeled_example(example, seed, *, crop_size: augment.CropSize,
 def augment_unlabeled_example(example, seed, *, crop_size: augment.CropSize,
                               scales: Sequence[float], ignore_label: int, num_classes: int,
                               strong_augment: bool = True, cutout_size: int = 0,
+                              color_jitter: Sequence[float] = color.SPEC_JITTER,
                               jitter_colors: Optional[Callable] = None) -> dict:
   """One geometry, two views (SPEC section 6); the keys of `unlabeled_stream`, unbatched.
 
   `jitter_colors(window, seed)` maps [0, 255] to [0, 255]; tests swap it to see the geometry
-  through the strong view; None is color.color_jitter. It sees the crop window's real pixels (augment.resize_window), not the
+  through the strong view; None is color.color_jitter with the strengths `color_jitter`. It sees the crop window's real pixels (augment.resize_window), not the
   whole scaled image: the one deliberate difference from the original, which only moves
   contrast's per-channel mean (window mean instead of whole-image mean); padding stays 127.5.
   """
@@ -137,7 +142,8 @@ def augment_unlabeled_example(example, seed, *, crop_size: augment.CropSize,
   views = {"weak_image": weak.pop("image"), **weak}
   if not strong_augment:
     return views | {"strong_image": views["weak_image"]}
-  jitter_colors = jitter_colors or color.color_jitter
+  jitter_colors = jitter_colors or functools.partial(
+      color.color_jitter, **dict(zip(color.JITTER_FIELDS, color_jitter)))
   strong_image = augment.place_normalized_image(jitter_colors(window, jitter_seed), geometry)
   box = augment.sample_cutout_box(cutout_seed, geometry.crop_size, cutout_size)
   # The original voids the box in the label it derives image-level labels from, so those name only

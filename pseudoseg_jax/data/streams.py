@@ -49,7 +49,7 @@ def training_batches(config: ml_collections.ConfigDict, source: datasets.Source,
       batch_size=shard_batch_size(config.pseudoseg.unlabeled_batch_size,
                                   "pseudoseg.unlabeled_batch_size"),
       strong_augment=config.pseudoseg.strong_augment, cutout_size=config.pseudoseg.cutout_size,
-      **common))
+      color_jitter=tuple(config.pseudoseg.color_jitter), **common))
   return ({"labeled": labeled_batch, "unlabeled": unlabeled_batch}
           for labeled_batch, unlabeled_batch in zip(labeled, unlabeled))
 

@@ -36,7 +36,8 @@ def _split_with_limit(split: str, num_labeled: int, pool_size: int, name: str) -
 def load_synthetic_shapes(config: ml_collections.ConfigDict) -> Source:
   """The embedded dataset, generated into data_dir on first use (well under a minute).
 
-  'synthetic_shapes/tiny' is a 40 + 20 image variant for tests.
+  'synthetic_shapes/tiny' is a 40 + 20 image variant for tests; 'synthetic_shapes/colour_cue' the
+  same task with colour a cue to the class (synthetic_shapes's docstring).
   """
   _, _, builder_config = config.data.name.partition("/")
   builder = synthetic_shapes.SyntheticShapes(config=builder_config or "default",
@@ -98,6 +99,8 @@ DATASETS = {
                                 _fixed_class_names(synthetic_shapes.CLASS_NAMES)),
     "synthetic_shapes/tiny": Dataset(load_synthetic_shapes,
                                      _fixed_class_names(synthetic_shapes.CLASS_NAMES)),
+    "synthetic_shapes/colour_cue": Dataset(load_synthetic_shapes,
+                                           _fixed_class_names(synthetic_shapes.CLASS_NAMES)),
     "voc": Dataset(voc.load_voc, _fixed_class_names(voc.CLASS_NAMES)),
     "coco": Dataset(coco.load_coco, _fixed_class_names(coco.CLASS_NAMES)),
     "coco_voc": Dataset(coco.load_coco_voc, _fixed_class_names(voc.CLASS_NAMES)),

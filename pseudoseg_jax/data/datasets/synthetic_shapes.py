@@ -3,6 +3,8 @@
 Seven foreground classes told apart by shape, helped (not decided) by texture, never by colour: every
 object's two colours are drawn independently of its class. Backgrounds are smooth colour fields with
 gradients, sometimes a faint texture, a lumpy textured decoy and small clutter (all background class).
+The 'colour_cue' config makes colour a cue too, as in real scenes: each object wears two shades of a
+hue drawn around its class's own (neighbouring classes' hues overlap) on greyish backgrounds.
 Objects span 22-64 px, rotate, and occlude each other; masks carry an ignore band (255) over every
 object border, like VOC's void band. Each example depends only on (split, index), so generation order
 and parallelism don't matter.
@@ -14,6 +16,7 @@ and parallelism don't matter.
 
 from __future__ import annotations
 
+import colorsys
 import dataclasses
 from typing import Callable, Iterator, NamedTuple
 
@@ -46,6 +49,12 @@ PRIMARY_TEXTURE_PROBABILITY = 0.8
 DECOY_PROBABILITY = 0.2
 # Least RGB distance between an object's mean colour and what it covers.
 MIN_OBJECT_CONTRAST = 60.0
+# colour_cue: spread (standard deviation, in turns) of an object's hue around its class's. Classes sit
+# 1/7 of a turn apart, so about 70% of objects are nearer their own class's hue than another's.
+HUE_SPREAD = 25 / 360
+# colour_cue: background colours keep at most this fraction of their distance from grey; objects are
+# at least 45% saturated.
+BACKGROUND_SATURATION = 0.3
 
 _Y, _X = np.mgrid[0:IMAGE_SIZE, 0:IMAGE_SIZE].astype(np.float32)
 
@@ -202,35 +211,69 @@ def _random_colour_pair(rng, min_contrast, max_contrast, backdrop=None):
   return first.astype(np.float32), second.astype(np.float32)
 
 
-def _paint(rng, texture_fn, u, v, period, min_contrast=40, max_contrast=140, backdrop=None):
-  """Texture blended between two random colours: colour is independent of the class by construction."""
-  first, second = _random_colour_pair(rng, min_contrast, max_contrast, backdrop)
-  t = texture_fn(rng, u, v, period)[..., None]
-  return first * (1 - t) + second * t
+def _towards_grey(rng, colour):
+  return colour.mean() + (colour - colour.mean()) * rng.uniform(0, BACKGROUND_SATURATION)
 
 
-def _object_texture(rng, class_id, u, v, backdrop):
+def _class_colour_pair(rng, class_id, backdrop):
+  """colour_cue: a dark and a light shade (in random order) of one hue near the class's own (HSV hue
+  (class_id - 1) / 7 of a turn, sd HUE_SPREAD), redrawn until it stands out from the backdrop."""
+  for _ in range(20):
+    hue = (class_id - 1) / (NUM_CLASSES - 1) + rng.normal(0, HUE_SPREAD)
+    saturation = rng.uniform(0.45, 1.0)
+    dark, light = sorted(rng.uniform(0.25, 1.0, 2))
+    if light - dark < 0.25:  # Enough luminance contrast for the texture to show.
+      light = min(1.0, dark + 0.25)
+      dark = light - 0.25
+    first = np.array(colorsys.hsv_to_rgb(hue % 1, saturation, dark)) * 255
+    second = np.array(colorsys.hsv_to_rgb(hue % 1, saturation * rng.uniform(0.6, 1), light)) * 255
+    if rng.random() < 0.5:
+      first, second = second, first
+    if np.linalg.norm((first + second) / 2 - backdrop) >= MIN_OBJECT_CONTRAST:
+      break
+  return first.astype(np.float32), second.astype(np.float32)
+
+
+def _blend(colours, texture):
+  first, second = colours
+  return first * (1 - texture[..., None]) + second * texture[..., None]
+
+
+def _paint(rng, texture_fn, u, v, period, min_contrast=40, max_contrast=140, backdrop=None,
+           greyish=False):
+  """Texture blended between two random colours (independent of any class), greyish ones for a
+  colour_cue background."""
+  colours = _random_colour_pair(rng, min_contrast, max_contrast, backdrop)
+  if greyish:
+    colours = tuple(_towards_grey(rng, colour).astype(np.float32) for colour in colours)
+  return _blend(colours, texture_fn(rng, u, v, period))
+
+
+def _object_texture(rng, class_id, u, v, backdrop, class_colours):
   if rng.random() < PRIMARY_TEXTURE_PROBABILITY:
     texture_fn, (low, high) = _PRIMARY_TEXTURES[CLASS_NAMES[class_id]]
   else:
     texture_fn, (low, high) = _TEXTURES[rng.integers(len(_TEXTURES))], (3.0, 12.0)
+  if class_colours:
+    colours = _class_colour_pair(rng, class_id, backdrop)
+    return _blend(colours, texture_fn(rng, u, v, rng.uniform(low, high)))
   return _paint(rng, texture_fn, u, v, rng.uniform(low, high), backdrop=backdrop)
 
 
 # ---------------------------------------------------------------- background
-def _background(rng):
-  field = _paint(rng, _blobs, _X, _Y, rng.uniform(16, 48), 30, 160)
+def _background(rng, greyish):
+  field = _paint(rng, _blobs, _X, _Y, rng.uniform(16, 48), 30, 160, greyish=greyish)
   angle = rng.uniform(0, 2 * np.pi)
   ramp = (np.cos(angle) * _X + np.sin(angle) * _Y) / IMAGE_SIZE - 0.5
   image = field + (rng.uniform(-60, 60) * ramp)[..., None]
   if rng.random() < 0.35:
     # Objects' textures also appear in the background, so texture alone cannot segment.
     texture_fn = _TEXTURES[rng.integers(len(_TEXTURES))]
-    overlay = _paint(rng, texture_fn, _X, _Y, rng.uniform(3, 12))
+    overlay = _paint(rng, texture_fn, _X, _Y, rng.uniform(3, 12), greyish=greyish)
     opacity = rng.uniform(0.1, 0.3)
     image = image * (1 - opacity) + overlay * opacity
   if rng.random() < DECOY_PROBABILITY:
-    _draw_decoy(rng, image)
+    _draw_decoy(rng, image, greyish)
   for _ in range(rng.integers(3, 13)):
     _draw_clutter(rng, image)
   return image
@@ -247,7 +290,7 @@ def _local_window(rng, reach):
   return window, _X[window] - cx, _Y[window] - cy
 
 
-def _draw_decoy(rng, image):
+def _draw_decoy(rng, image, greyish):
   """A textured, object-sized blob of no class's shape: background, so texture and size alone fail."""
   radius = rng.uniform(7, 20)
   window, x, y = _local_window(rng, int(1.45 * radius) + 2)
@@ -255,7 +298,7 @@ def _draw_decoy(rng, image):
   wobble = _value_noise(rng, radius / 2.2, x, y)
   coverage = _edge_coverage(np.hypot(x, y) - radius * (0.35 + 1.1 * wobble))[..., None]
   texture_fn = _TEXTURES[rng.integers(len(_TEXTURES))]
-  rgb = _paint(rng, texture_fn, x, y, rng.uniform(3, 12))
+  rgb = _paint(rng, texture_fn, x, y, rng.uniform(3, 12), greyish=greyish)
   image[window] = image[window] * (1 - coverage) + rgb * coverage
 
 
@@ -347,9 +390,10 @@ def _place_object(rng, class_id, instance_ids, soft_edge, placed_core_pixels) ->
   return None
 
 
-def render_scene(rng: np.random.Generator) -> Scene:
-  """Background, then 1-4 objects back to front, each textured in its own random colours."""
-  image = _background(rng)
+def render_scene(rng: np.random.Generator, class_colours: bool = False) -> Scene:
+  """Background, then 1-4 objects back to front, each textured in its own random colours (with
+  `class_colours`, the 'colour_cue' config: shades of its class's hue on a greyish background)."""
+  image = _background(rng, greyish=class_colours)
   instance_ids = np.full((IMAGE_SIZE, IMAGE_SIZE), -1, np.int32)
   soft_edge = np.zeros((IMAGE_SIZE, IMAGE_SIZE), bool)
   object_classes, placed_core_pixels = [], []
@@ -361,7 +405,8 @@ def render_scene(rng: np.random.Generator) -> Scene:
     window = _bounding_window(placement.coverage > 0)  # texturing only there halves render time
     alpha = placement.coverage[window][..., None]
     backdrop = image[window][alpha[..., 0] >= 0.5].mean(axis=0)
-    rgb = _object_texture(rng, class_id, placement.u[window], placement.v[window], backdrop)
+    rgb = _object_texture(rng, class_id, placement.u[window], placement.v[window], backdrop,
+                          class_colours)
     image[window] = image[window] * (1 - alpha) + rgb * alpha
     instance_ids, soft_edge = placement.instance_ids, placement.soft_edge
     object_classes.append(class_id)
@@ -379,9 +424,10 @@ def example_rng(split: str, index: int) -> np.random.Generator:
   return np.random.default_rng(np.random.SeedSequence([BASE_SEED, SPLIT_SEED_INDEX[split], index]))
 
 
-def render_example(rng: np.random.Generator | np.random.SeedSequence) -> tuple[np.ndarray, np.ndarray]:
+def render_example(rng: np.random.Generator | np.random.SeedSequence,
+                   class_colours: bool = False) -> tuple[np.ndarray, np.ndarray]:
   """(image uint8 [96, 96, 3], mask uint8 [96, 96]) for a Generator or SeedSequence."""
-  scene = render_scene(np.random.default_rng(rng))
+  scene = render_scene(np.random.default_rng(rng), class_colours)
   return scene.image, scene.mask
 
 
@@ -396,6 +442,7 @@ def image_labels_from_mask(mask: np.ndarray) -> np.ndarray:
 class SyntheticShapesConfig(tfds.core.BuilderConfig):
   num_train: int = 2000
   num_validation: int = 300
+  class_colours: bool = False  # colour_cue: objects in shades of their class's hue (module doc).
 
 
 class SyntheticShapes(tfds.core.GeneratorBasedBuilder):
@@ -412,6 +459,9 @@ class SyntheticShapes(tfds.core.GeneratorBasedBuilder):
       SyntheticShapesConfig(name="default", description="2,000 train (pool) + 300 validation."),
       SyntheticShapesConfig(name="tiny", description="40 train + 20 validation, for tests.",
                             num_train=40, num_validation=20),
+      SyntheticShapesConfig(name="colour_cue", class_colours=True,
+                            description="As default, with colour a cue to the class, as in real "
+                                        "scenes (module docstring)."),
   ]
 
   def _info(self) -> tfds.core.DatasetInfo:
@@ -436,7 +486,7 @@ class SyntheticShapes(tfds.core.GeneratorBasedBuilder):
 
   def _generate_examples(self, split: str, num_examples: int) -> Iterator[tuple[str, dict]]:
     for index in range(num_examples):
-      image, mask = render_example(example_rng(split, index))
+      image, mask = render_example(example_rng(split, index), self.builder_config.class_colours)
       example_id = f"{split}_{index:06d}"
       yield example_id, {
           "id": example_id,
