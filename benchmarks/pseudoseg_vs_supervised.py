@@ -125,6 +125,13 @@ def _wall_clock_minutes(workdir: str):
   return round(((stamps[-1] - stamps[0]) % 86400) / 60, 1)
 
 
+def paired_gains(runs_by_seed: dict, supervised_by_seed: dict) -> list:
+  """val mIoU minus the supervised run's at the same seed, for the seeds both finished."""
+  return [runs_by_seed[seed]["val/miou"] - supervised_by_seed[seed]["val/miou"]
+          for seed in runs_by_seed
+          if runs_by_seed[seed] is not None and supervised_by_seed.get(seed) is not None]
+
+
 def summarize(values: list) -> str:
   """mean +- sample standard deviation (in mIoU points), and the individual runs."""
   points = [100 * v for v in values]
@@ -157,11 +164,13 @@ def main():
   out = os.path.abspath(args.out)
   os.makedirs(out, exist_ok=True)
 
-  table = {}
+  table, main_by_seed = {}, {}
   if args.only in ("main", "all"):
     for seed in seeds:  # Seed-major, so a partial benchmark has every method at the first seeds.
       for name, overrides in main_runs.items():
-        table.setdefault(name, []).append(train(out, name, overrides, seed, args))
+        result = train(out, name, overrides, seed, args)
+        table.setdefault(name, []).append(result)
+        main_by_seed.setdefault(name, {})[seed] = result
   if args.only in ("reference", "all"):
     for name, overrides in REFERENCE_RUNS.items():
       table[name] = [train(out, name, overrides, seeds[0], args)]
@@ -175,10 +184,13 @@ def main():
   lines = [f"{args.config}, {args.num_labeled} labeled images, {args.steps} steps; val mIoU (%), "
            "mean ± std over seeds (runs); pseudo-label accuracy is class-balanced, against the "
            "unlabeled images' hidden masks", "",
-           "| run | seeds | val mIoU | accuracy of: pseudo labels | decoder | SGC | minutes per run |",
-           "|---|---|---|---|---|---|---|"]
+           "| run | seeds | val mIoU | gain over supervised | accuracy of: pseudo labels | decoder | "
+           "SGC | minutes per run |",
+           "|---|---|---|---|---|---|---|---|"]
   for name, runs in table.items():
-    cells = [name, str(len(runs)), summarize([r["val/miou"] for r in runs])]
+    gains = paired_gains(main_by_seed.get(name, {}), main_by_seed.get("supervised", {}))
+    cells = [name, str(len(runs)), summarize([r["val/miou"] for r in runs]),
+             summarize(gains) if gains and name != "supervised" else "-"]
     for key in PSEUDO_METRICS:
       values = [r[key] for r in runs if r.get(key) is not None]
       cells.append(summarize(values) if values else "-")

@@ -20,14 +20,15 @@ from PIL import Image
 # Runnable from a checkout without installing the package.
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from pseudoseg_jax import visualize, writers  # noqa: E402
+from pseudoseg_jax import visualize, workdirs, writers  # noqa: E402
 from pseudoseg_jax.data.datasets import synthetic_shapes  # noqa: E402
 
 UPSCALE = 2  # 96-px images are small on a README page.
 
 
-def validation_examples(indices):
-  return [synthetic_shapes.render_example(synthetic_shapes.example_rng("validation", index))
+def validation_examples(indices, class_colours: bool):
+  return [synthetic_shapes.render_example(synthetic_shapes.example_rng("validation", index),
+                                          class_colours)
           for index in indices]
 
 
@@ -63,7 +64,9 @@ def main():
     writers.write_png(os.path.join(args.out, "pseudo_labels.png"), enlarged(grid))
     print(f"pseudo_labels.png: the grid of step {step}")
 
-  examples = validation_examples(range(args.first, args.first + args.count))
+  # The run's own variant of the dataset (the demo's is colour_cue).
+  class_colours = workdirs.read_config(args.workdir).data.name.endswith("/colour_cue")
+  examples = validation_examples(range(args.first, args.first + args.count), class_colours)
   masks = predicted_masks(args.workdir, [image for image, _ in examples])
   num_classes = synthetic_shapes.NUM_CLASSES
   rows = visualize.grid([
