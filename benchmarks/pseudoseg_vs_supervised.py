@@ -125,11 +125,11 @@ def _wall_clock_minutes(workdir: str):
   return round(((stamps[-1] - stamps[0]) % 86400) / 60, 1)
 
 
-def paired_gains(runs_by_seed: dict, supervised_by_seed: dict) -> list:
-  """val mIoU minus the supervised run's at the same seed, for the seeds both finished."""
-  return [runs_by_seed[seed]["val/miou"] - supervised_by_seed[seed]["val/miou"]
-          for seed in runs_by_seed
-          if runs_by_seed[seed] is not None and supervised_by_seed.get(seed) is not None]
+def paired_gains(runs: list, supervised_runs: list) -> list:
+  """val mIoU minus the supervised run's at the same seed (both lists in seed order, None for a
+  run not finished), for the seeds both finished."""
+  return [run["val/miou"] - supervised["val/miou"] for run, supervised in zip(runs, supervised_runs)
+          if run is not None and supervised is not None]
 
 
 def summarize(values: list) -> str:
@@ -164,13 +164,14 @@ def main():
   out = os.path.abspath(args.out)
   os.makedirs(out, exist_ok=True)
 
-  table, main_by_seed = {}, {}
+  table = {}
   if args.only in ("main", "all"):
     for seed in seeds:  # Seed-major, so a partial benchmark has every method at the first seeds.
       for name, overrides in main_runs.items():
-        result = train(out, name, overrides, seed, args)
-        table.setdefault(name, []).append(result)
-        main_by_seed.setdefault(name, {})[seed] = result
+        table.setdefault(name, []).append(train(out, name, overrides, seed, args))
+  # Main runs' lists are in seed order, unfinished runs still None: pair them before dropping those.
+  gains = {name: paired_gains(table[name], table.get("supervised", []))
+           for name in main_runs if name != "supervised"}
   if args.only in ("reference", "all"):
     for name, overrides in REFERENCE_RUNS.items():
       table[name] = [train(out, name, overrides, seeds[0], args)]
@@ -188,9 +189,8 @@ def main():
            "SGC | minutes per run |",
            "|---|---|---|---|---|---|---|---|"]
   for name, runs in table.items():
-    gains = paired_gains(main_by_seed.get(name, {}), main_by_seed.get("supervised", {}))
     cells = [name, str(len(runs)), summarize([r["val/miou"] for r in runs]),
-             summarize(gains) if gains and name != "supervised" else "-"]
+             summarize(gains[name]) if gains.get(name) else "-"]
     for key in PSEUDO_METRICS:
       values = [r[key] for r in runs if r.get(key) is not None]
       cells.append(summarize(values) if values else "-")

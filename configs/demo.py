@@ -17,6 +17,7 @@ masks at every seed (+7.9 +- 2.3 mIoU points); with unlabeled images only it sco
 """
 
 from pseudoseg_jax import config as config_lib
+from pseudoseg_jax import recipes
 
 
 def get_config(arg: str | None = None):
@@ -66,17 +67,7 @@ def get_config(arg: str | None = None):
   config.pseudoseg.weak_labels = config_lib.parse_bool(args.get("weak_labels", "false"),
                                                        "weak_labels")
   config.pseudoseg.cutout_size = 19
-  # The remedies for confirmation bias of configs/folder.py's CPU preset: a mean teacher, confident
-  # hard labels kept per class, CutMix, a ramp-up over the first fifth of the steps; with
-  # weak_labels=true the pseudo labels name only classes the image-level labels list.
-  config.pseudoseg.teacher = "ema"
-  config.pseudoseg.ema_decay = 0.99
-  config.pseudoseg.soft_labels = False
-  config.pseudoseg.confidence_threshold = 0.9
-  config.pseudoseg.class_balanced_fraction = 0.5
-  config.pseudoseg.cutmix_probability = 0.5
-  config.pseudoseg.consistency_rampup_steps = config.total_steps // 5
-  config.pseudoseg.restrict_to_image_labels = True
+  recipes.use_confirmation_bias_remedies(config)  # As configs/folder.py's CPU preset.
   # No hue jitter in the strong view: hue is a cue to the class here, and SPEC's quarter turn made
   # the student unlearn it (BENCHMARKS.md, 2026-12-05, demo session).
   config.pseudoseg.color_jitter = (0.5, 0.5, 0.5, 0.0)

@@ -53,6 +53,7 @@ steps teach nothing: it shows the plumbing, not a result). Checking the files be
 import os
 
 from pseudoseg_jax import config as config_lib
+from pseudoseg_jax import recipes
 from pseudoseg_jax.data.datasets import folder
 
 ARGUMENTS = ("root", "method", "weak_labels", "num_classes", "crop", "eval_crop", "steps",
@@ -103,15 +104,7 @@ def use_cpu_preset(config, args: dict) -> None:
   config.optimizer.name = "sgd"
   config.optimizer.learning_rate = 0.02
   config.optimizer.weight_decay = 1e-4
-  pseudoseg = config.pseudoseg
-  pseudoseg.teacher = "ema"
-  pseudoseg.ema_decay = 0.99
-  pseudoseg.soft_labels = False
-  pseudoseg.confidence_threshold = 0.9
-  pseudoseg.class_balanced_fraction = 0.5
-  pseudoseg.cutmix_probability = 0.5
-  pseudoseg.consistency_rampup_steps = config.total_steps // 5
-  pseudoseg.restrict_to_image_labels = True  # Used only with weak_labels=true.
+  recipes.use_confirmation_bias_remedies(config)
 
 
 def get_config(arg: str | None = None):

@@ -81,6 +81,18 @@ def use_deeplab_xception_heads(config: ml_collections.ConfigDict) -> None:
   config.optimizer.bias_lr_multiplier = 2.0
 
 
+def use_confirmation_bias_remedies(config: ml_collections.ConfigDict) -> None:
+  """The CPU recipes' PseudoSeg (configs/folder.py:preset=cpu, configs/demo.py): a mean teacher,
+  hard pseudo labels at confidence 0.9 kept per class, CutMix, a consistency ramp-up over the first
+  fifth of config.total_steps, and with weak_labels=true pseudo labels restricted to the
+  image-level labels. None is in the paper (README, "PseudoSeg options")."""
+  config.pseudoseg.update(teacher="ema", ema_decay=0.99, soft_labels=False,
+                          confidence_threshold=0.9, class_balanced_fraction=0.5,
+                          cutmix_probability=0.5,
+                          consistency_rampup_steps=config.total_steps // 5,
+                          restrict_to_image_labels=True)
+
+
 def parse_split_seed(args: dict) -> int | None:
   """The config argument split_seed=N (a seeded draw instead of the published list), or None."""
   return int(args["split_seed"]) if args.get("split_seed", "") != "" else None

@@ -65,7 +65,8 @@ def main():
     print(f"pseudo_labels.png: the grid of step {step}")
 
   # The run's own variant of the dataset (the demo's is colour_cue).
-  class_colours = workdirs.read_config(args.workdir).data.name.endswith("/colour_cue")
+  variant = workdirs.read_config(args.workdir).data.name.partition("/")[2] or "default"
+  class_colours = synthetic_shapes.SyntheticShapes.builder_configs[variant].class_colours
   examples = validation_examples(range(args.first, args.first + args.count), class_colours)
   masks = predicted_masks(args.workdir, [image for image, _ in examples])
   num_classes = synthetic_shapes.NUM_CLASSES
