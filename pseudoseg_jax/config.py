@@ -18,6 +18,7 @@ PSEUDO_LABEL_SOURCES = ("fusion", "decoder", "sgc")
 TEACHERS = ("student", "ema")
 EMA_WARMUPS = ("average", "recent")  # steps.ema_decay_at.
 ALIGNMENT_TARGETS = ("labeled", "uniform")  # steps.alignment_target.
+BATCH_STATS_SOURCES = ("all", "labeled")  # steps.pseudoseg_loss.
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -171,6 +172,10 @@ def base_config() -> ml_collections.ConfigDict:
   # With weak_labels: the pseudo labels keep only the classes the image-level labels name
   # (pseudo_labels.restrict_to_present_classes). False = the original (only the CAM uses them).
   config.pseudoseg.restrict_to_image_labels = False
+  # Which training passes move the batch-norm running statistics that evaluation uses: "all" (the
+  # original: labeled images and the unlabeled strong view alike) or "labeled" (the strong view's
+  # cutout, jitter and CutMix boxes stay out of the statistics the clean validation images meet).
+  config.pseudoseg.batch_stats_from = "all"
 
   # A step whose loss or gradient norm is not finite stops the run with an error naming it, and
   # nothing of it is saved (the last checkpoint stays the last good state). True instead discards
@@ -293,6 +298,9 @@ def _validate_pseudoseg(section: ml_collections.ConfigDict) -> None:
   if section.distribution_alignment_target not in ALIGNMENT_TARGETS:
     raise ValueError("config.pseudoseg.distribution_alignment_target must be one of "
                      f"{ALIGNMENT_TARGETS}, got {section.distribution_alignment_target!r}.")
+  if section.batch_stats_from not in BATCH_STATS_SOURCES:
+    raise ValueError("config.pseudoseg.batch_stats_from must be one of "
+                     f"{BATCH_STATS_SOURCES}, got {section.batch_stats_from!r}.")
   if section.distribution_alignment_strength < 0:
     raise ValueError("config.pseudoseg.distribution_alignment_strength must be >= 0, got "
                      f"{section.distribution_alignment_strength}.")

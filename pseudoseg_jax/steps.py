@@ -510,6 +510,7 @@ def pseudoseg_loss(params: dict, batch_stats: dict, batch: dict, key: jax.Array,
       terms["classification"] = losses.multilabel_sigmoid_cross_entropy(
           outputs["cls_logits"], labeled["image_labels"])
 
+  labeled_stats = nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
   teacher_model = None if teacher is None else nnx.merge(
       graphdef, jax.lax.stop_gradient(teacher["params"]), teacher["batch_stats"])
   weak, pseudo, strong, seen = unlabeled_forward(model, unlabeled, unlabeled_key, config=config,
@@ -534,7 +535,8 @@ def pseudoseg_loss(params: dict, batch_stats: dict, batch: dict, key: jax.Array,
                                       ignore_label=ignore_label))
   if "predicted_frequencies" in pseudo:
     metrics[PREDICTED_FREQUENCIES] = pseudo["predicted_frequencies"]
-  new_stats = nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
+  new_stats = (labeled_stats if options.batch_stats_from == "labeled"
+               else nnx.to_pure_dict(nnx.state(model, nnx.BatchStat)))
   return loss, (new_stats, metrics)
 
 

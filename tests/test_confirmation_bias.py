@@ -242,3 +242,34 @@ def test_pseudo_labels_of_the_teacher_are_mixed_with_the_strong_view(remedies_st
   unmixed_truth = np.asarray(pseudo_labels.resize_nearest(batch["mask"], (9, 9)))
   np.testing.assert_array_equal(images["ground_truth"],
                                 np.where(truth_boxes, np.roll(unmixed_truth, -1, 0), unmixed_truth))
+
+
+def test_config_rejects_unknown_batch_stats_source():
+  config = tiny_config()
+  config.pseudoseg.batch_stats_from = "unlabeled"
+  with pytest.raises(ValueError, match="batch_stats_from"):
+    config_lib.validate(config)
+
+
+@pytest.mark.parametrize("source", ["all", "labeled"])
+def test_batch_stats_from_labeled_ignore_the_unlabeled_images(source):
+  # The teacher labels in inference mode, so only the student's strong pass can move the stats
+  # beyond the labeled pass.
+  config = tiny_config(teacher="ema", batch_stats_from=source)
+  graphdef, params, batch_stats = steps.init_model(config, 0)
+  teacher = {"params": params, "batch_stats": batch_stats}
+  loss = jax.jit(functools.partial(steps.pseudoseg_loss, graphdef=graphdef, config=config))
+  first, second = random_batch(0), random_batch(1)
+  second["labeled"] = first["labeled"]
+  key = jax.random.key(0)
+  stats = [loss(params, batch_stats, batch, key, teacher=teacher)[1][0]
+           for batch in (first, second)]
+  differences = [float(jnp.max(jnp.abs(a - b))) for a, b in
+                 zip(jax.tree.leaves(stats[0]), jax.tree.leaves(stats[1]))]
+  moved = [float(jnp.max(jnp.abs(a - b))) for a, b in
+           zip(jax.tree.leaves(stats[0]), jax.tree.leaves(batch_stats))]
+  assert max(moved) > 1e-3  # The labeled pass moves them in both cases.
+  if source == "labeled":
+    assert max(differences) == 0.0
+  else:
+    assert max(differences) > 1e-3
