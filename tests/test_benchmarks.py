@@ -250,6 +250,17 @@ def test_demo_benchmark_reports_only_the_chosen_rows(monkeypatch, tmp_path, caps
   assert "| supervised |" not in table
 
 
+def test_demo_benchmark_reports_the_reference_row_alone(monkeypatch, tmp_path, capsys):
+  workdir = tmp_path / pseudoseg_vs_supervised.run_name("supervised, every train image labeled", 0)
+  workdir.mkdir()
+  (workdir / "results.json").write_text(json.dumps({"step": 10, "val/miou": 0.6}))
+  (workdir / "metrics.jsonl").write_text(json.dumps({"step": 10}) + "\n")
+  monkeypatch.setattr(sys, "argv", ["pseudoseg_vs_supervised.py", f"--out={tmp_path}",
+                                    "--seeds=0", "--only=reference", "--report_only"])
+  pseudoseg_vs_supervised.main()
+  assert "| supervised, every train image labeled | 1 | 60.0 | - |" in capsys.readouterr().out
+
+
 def test_demo_benchmark_gain_is_paired_per_seed(monkeypatch, tmp_path, capsys):
   mious = {("supervised", 0): 0.40, ("supervised", 1): 0.50,
            ("pseudoseg (image-level labels)", 0): 0.46, ("pseudoseg (image-level labels)", 1): 0.54}
@@ -266,3 +277,23 @@ def test_demo_benchmark_gain_is_paired_per_seed(monkeypatch, tmp_path, capsys):
   assert "| pseudoseg (image-level labels) | 2 | 50.0 ± 5.7 (46.0, 54.0) | 5.0 ± 1.4 (6.0, 4.0) |" in table
   assert "| supervised | 2 | 45.0 ± 7.1 (40.0, 50.0) | - |" in table
   assert "unlabeled" not in table.split("\n", 1)[1]
+
+
+def test_demo_benchmark_rows_are_the_users_commands(monkeypatch, tmp_path):
+  """Each main row trains the config a user gets from the same config arguments, so a config
+  that picks its recipe by them (configs/demo.py by weak_labels) is measured as users run it."""
+  commands = {}
+  monkeypatch.setattr(pseudoseg_vs_supervised, "train_run",
+                      lambda workdir, name, config_arg, fields, **_:
+                      commands.setdefault(name, (config_arg, fields)))
+  args = argparse.Namespace(config="configs/demo.py", num_labeled=20, steps=1000,
+                            report_only=False)
+  for name, config_args in pseudoseg_vs_supervised.MAIN_RUNS.items():
+    pseudoseg_vs_supervised.train(str(tmp_path), name, config_args, 1, args)
+  config_arg, fields = commands["pseudoseg (image-level labels)"]
+  assert fields == {"seed": 1}
+  assert (common.load_config(config_arg).to_dict() ==
+          common.load_config("configs/demo.py:weak_labels=true").to_dict())  # README command 1.
+  unlabeled = common.load_config(commands["pseudoseg (unlabeled)"][0])
+  assert unlabeled.to_dict() == common.load_config("configs/demo.py").to_dict()
+  assert common.load_config(commands["supervised"][0]).method == "supervised"

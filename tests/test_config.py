@@ -16,6 +16,18 @@ def test_demo_config_is_valid_and_parses_its_arguments():
   assert demo.get_config("weak_labels=True").pseudoseg.weak_labels
 
 
+def test_demo_pseudo_labels_come_from_the_decoder_only_without_image_level_labels():
+  unlabeled = demo.get_config("steps=400").pseudoseg
+  assert (unlabeled.pseudo_label_source, unlabeled.distribution_alignment_target,
+          unlabeled.distribution_alignment_strength, unlabeled.consistency_rampup_steps,
+          unlabeled.batch_stats_from) == ("decoder", "uniform", 0.5, 200, "labeled")
+  assert unlabeled.distribution_alignment
+  # With image-level labels the CAM knows the classes: the paper's fusion, the preset's remedies.
+  weak = demo.get_config("steps=400,weak_labels=true").pseudoseg
+  assert (weak.pseudo_label_source, weak.distribution_alignment, weak.consistency_rampup_steps,
+          weak.batch_stats_from) == ("fusion", False, 80, "all")
+
+
 @pytest.mark.parametrize("arg, message", [
     ("nmu_labeled=3", "Unknown demo.py argument 'nmu_labeled'"),
     ("steps", "must look like name=value"),

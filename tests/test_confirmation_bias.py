@@ -1,5 +1,6 @@
 """The remedies for confirmation bias (config.pseudoseg: teacher, cutmix_probability,
-class_balanced_fraction, distribution_alignment): known answers for each piece, then one tiny step with all of them."""
+class_balanced_fraction, distribution_alignment, batch_stats_from): known answers for each piece,
+then one tiny step with all of them."""
 
 import functools
 
