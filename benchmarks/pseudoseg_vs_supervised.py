@@ -29,8 +29,8 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # name -> the config's own arguments (CONFIG:method=...,weak_labels=...), so each row is the
-# command a user runs: the config may choose its recipe by them (configs/demo.py does). The
-# first three are the main comparison.
+# command a user runs: the config may choose its recipe by them (configs/demo.py does). The main
+# comparison.
 MAIN_RUNS = {
     "supervised": {"method": "supervised"},
     "pseudoseg (unlabeled)": {"method": "pseudoseg", "weak_labels": "false"},
@@ -43,7 +43,7 @@ RUN_KEYS = dict(zip(("supervised", "pseudoseg", "image_labels"), MAIN_RUNS))
 REFERENCE_RUNS = {
     "supervised, every train image labeled": {"method": "supervised", "num_labeled": 0},
 }
-# The paper's ablations (Tables 3-5): each changes one field (--config.FIELD=VALUE) of
+# The paper's ablations (Tables 3-5): each sets the fields named (--config.FIELD=VALUE) on top of
 # "pseudoseg (unlabeled)".
 ABLATIONS = {
     "source: fusion (the paper's)": {"pseudoseg.pseudo_label_source": "fusion"},

@@ -297,3 +297,13 @@ def test_demo_benchmark_rows_are_the_users_commands(monkeypatch, tmp_path):
   unlabeled = common.load_config(commands["pseudoseg (unlabeled)"][0])
   assert unlabeled.to_dict() == common.load_config("configs/demo.py").to_dict()
   assert common.load_config(commands["supervised"][0]).method == "supervised"
+
+
+@pytest.mark.parametrize("ablation", sorted(pseudoseg_vs_supervised.ABLATIONS))
+def test_demo_benchmark_ablations_are_valid_configs(ablation):
+  config = common.load_config("configs/demo.py:weak_labels=false")
+  for field, value in pseudoseg_vs_supervised.ABLATIONS[ablation].items():
+    parent, _, leaf = field.rpartition(".")
+    assert leaf in config[parent], field
+    config[parent][leaf] = value
+  config_lib.validate(config)
