@@ -234,13 +234,18 @@ def test_demo_benchmark_refuses_an_unknown_row_by_name(monkeypatch, tmp_path, ca
   assert not out.exists()  # Refused before anything ran.
 
 
+def write_finished_run(out, name: str, seed: int, miou: float) -> None:
+  """The workdir a finished demo-benchmark run leaves under `out`, as --report_only reads it."""
+  workdir = out / pseudoseg_vs_supervised.run_name(name, seed)
+  workdir.mkdir()
+  (workdir / "results.json").write_text(json.dumps({"step": 10, "val/miou": miou}))
+  (workdir / "metrics.jsonl").write_text(json.dumps({"step": 10}) + "\n")
+
+
 def test_demo_benchmark_reports_only_the_chosen_rows(monkeypatch, tmp_path, capsys):
   """--runs with --report_only tabulates the finished runs of the chosen rows and no others."""
   for name in ("supervised", "pseudoseg (image-level labels)"):
-    workdir = tmp_path / pseudoseg_vs_supervised.run_name(name, 0)
-    workdir.mkdir()
-    (workdir / "results.json").write_text(json.dumps({"step": 10, "val/miou": 0.5}))
-    (workdir / "metrics.jsonl").write_text(json.dumps({"step": 10}) + "\n")
+    write_finished_run(tmp_path, name, 0, 0.5)
   monkeypatch.setattr(sys, "argv", ["pseudoseg_vs_supervised.py", f"--out={tmp_path}",
                                     "--seeds=0", "--only=main", "--runs=image_labels",
                                     "--report_only"])
@@ -251,10 +256,7 @@ def test_demo_benchmark_reports_only_the_chosen_rows(monkeypatch, tmp_path, caps
 
 
 def test_demo_benchmark_reports_the_reference_row_alone(monkeypatch, tmp_path, capsys):
-  workdir = tmp_path / pseudoseg_vs_supervised.run_name("supervised, every train image labeled", 0)
-  workdir.mkdir()
-  (workdir / "results.json").write_text(json.dumps({"step": 10, "val/miou": 0.6}))
-  (workdir / "metrics.jsonl").write_text(json.dumps({"step": 10}) + "\n")
+  write_finished_run(tmp_path, "supervised, every train image labeled", 0, 0.6)
   monkeypatch.setattr(sys, "argv", ["pseudoseg_vs_supervised.py", f"--out={tmp_path}",
                                     "--seeds=0", "--only=reference", "--report_only"])
   pseudoseg_vs_supervised.main()
@@ -265,10 +267,7 @@ def test_demo_benchmark_gain_is_paired_per_seed(monkeypatch, tmp_path, capsys):
   mious = {("supervised", 0): 0.40, ("supervised", 1): 0.50,
            ("pseudoseg (image-level labels)", 0): 0.46, ("pseudoseg (image-level labels)", 1): 0.54}
   for (name, seed), miou in mious.items():
-    workdir = tmp_path / pseudoseg_vs_supervised.run_name(name, seed)
-    workdir.mkdir()
-    (workdir / "results.json").write_text(json.dumps({"step": 10, "val/miou": miou}))
-    (workdir / "metrics.jsonl").write_text(json.dumps({"step": 10}) + "\n")
+    write_finished_run(tmp_path, name, seed, miou)
   monkeypatch.setattr(sys, "argv", ["pseudoseg_vs_supervised.py", f"--out={tmp_path}",
                                     "--seeds=0,1", "--only=main", "--report_only"])
   pseudoseg_vs_supervised.main()
@@ -302,8 +301,6 @@ def test_demo_benchmark_rows_are_the_users_commands(monkeypatch, tmp_path):
 @pytest.mark.parametrize("ablation", sorted(pseudoseg_vs_supervised.ABLATIONS))
 def test_demo_benchmark_ablations_are_valid_configs(ablation):
   config = common.load_config("configs/demo.py:weak_labels=false")
-  for field, value in pseudoseg_vs_supervised.ABLATIONS[ablation].items():
-    parent, _, leaf = field.rpartition(".")
-    assert leaf in config[parent], field
-    config[parent][leaf] = value
-  config_lib.validate(config)
+  common.apply_overrides(config, [f"{field}={value}" for field, value in
+                                  pseudoseg_vs_supervised.ABLATIONS[ablation].items()])
+  config_lib.validate(config)  # Refuses a field the config does not have, by name.
