@@ -9,7 +9,6 @@ Single process: a benchmark measures one host and its local devices.
 from __future__ import annotations
 
 import ast
-import functools
 import importlib.util
 import json
 import logging

@@ -20,7 +20,8 @@ seed (data.split_seed = seed, so each seed sees other labeled images), and the r
 --ablations adds, at the smallest fraction, PseudoSeg with one of the preset's options changed
 (ABLATIONS: "paper" is the original's recipe on the preset's model and schedule; "debias" divides
 the teacher's probabilities by the square root of its running class prior, as DebiasPL;
-"debias_image_labels" does so with image-level labels);
+"debias_image_labels" does so with image-level labels; "feature_perturbation" adds UniMatch's
+stream of channel-dropped features, "feature_perturbation_strong" drops them in the strong pass);
 and the ceiling, supervised on all of train, at the --ceiling_seeds (default: the first seed only;
 its labels are the same at every seed, only the training randomness differs). Every run has the same steps and
 batches; each is the ordinary training command in its own workdir under --out, so an
@@ -65,6 +66,8 @@ ABLATIONS = {
     "distribution_alignment": {"pseudoseg.distribution_alignment": True},
     "debias": DEBIAS,
     "debias_image_labels": {**DEBIAS, "pseudoseg.weak_labels": True},
+    "feature_perturbation": {"pseudoseg.feature_perturbation": "stream"},
+    "feature_perturbation_strong": {"pseudoseg.feature_perturbation": "strong"},
 }
 
 

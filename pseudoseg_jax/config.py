@@ -19,6 +19,7 @@ TEACHERS = ("student", "ema")
 EMA_WARMUPS = ("average", "recent")  # steps.ema_decay_at.
 ALIGNMENT_TARGETS = ("labeled", "uniform")  # steps.alignment_target.
 BATCH_STATS_SOURCES = ("all", "labeled")  # steps.pseudoseg_loss.
+FEATURE_PERTURBATIONS = ("none", "strong", "stream")  # steps.unlabeled_forward.
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -176,6 +177,12 @@ def base_config() -> ml_collections.ConfigDict:
   # original: labeled images and the unlabeled strong view alike) or "labeled" (the strong view's
   # cutout, jitter and CutMix boxes stay out of the statistics the clean validation images meet).
   config.pseudoseg.batch_stats_from = "all"
+  # UniMatch's feature perturbation, channel dropout at feature_dropout on the backbone features the
+  # heads read: "none" (the original), "strong" (on the strong view's pass, at no extra cost) or
+  # "stream" (UniMatch's own: an extra pass of the student on the weak view, its dropped features
+  # learning the pseudo labels with the consistency weight; one more network pass per step).
+  config.pseudoseg.feature_perturbation = "none"
+  config.pseudoseg.feature_dropout = 0.5
 
   # A step whose loss or gradient norm is not finite stops the run with an error naming it, and
   # nothing of it is saved (the last checkpoint stays the last good state). True instead discards
@@ -301,6 +308,12 @@ def _validate_pseudoseg(section: ml_collections.ConfigDict) -> None:
   if section.batch_stats_from not in BATCH_STATS_SOURCES:
     raise ValueError("config.pseudoseg.batch_stats_from must be one of "
                      f"{BATCH_STATS_SOURCES}, got {section.batch_stats_from!r}.")
+  if section.feature_perturbation not in FEATURE_PERTURBATIONS:
+    raise ValueError("config.pseudoseg.feature_perturbation must be one of "
+                     f"{FEATURE_PERTURBATIONS}, got {section.feature_perturbation!r}.")
+  if not 0 <= section.feature_dropout < 1:
+    raise ValueError("config.pseudoseg.feature_dropout must be in [0, 1), got "
+                     f"{section.feature_dropout}.")
   if section.distribution_alignment_strength < 0:
     raise ValueError("config.pseudoseg.distribution_alignment_strength must be >= 0, got "
                      f"{section.distribution_alignment_strength}.")

@@ -371,15 +371,20 @@ def alignment_target(labeled_frequencies: jax.Array, target: str) -> jax.Array:
 def unlabeled_forward(model: nnx.Module, unlabeled: dict, key: jax.Array, *,
                       config: ml_collections.ConfigDict, teacher: nnx.Module | None = None,
                       class_frequencies: dict | None = None):
-  """(weak outputs, pseudo labels, strong outputs, unlabeled batch as the strong pass saw it).
+  """(weak outputs, pseudo labels, strong outputs, unlabeled batch as the strong pass saw it,
+  feature-perturbed stream or None).
 
   The original: one network, both views in training mode. With an EMA `teacher`, the teacher
   labels the weak view in inference mode and the student only sees the strong view. With CutMix,
   the strong view, its pseudo labels (and, for the metrics, the weak logits and hidden masks) are
-  mixed with the same boxes.
+  mixed with the same boxes. pseudoseg.feature_perturbation drops feature channels in the strong
+  pass ("strong") or in a pass of its own on the weak view ("stream", returned as {'logits'} with
+  the unmixed pseudo labels it learns).
   """
+  options = config.pseudoseg
   weak_key, strong_key = jax.random.split(key)
-  mix_key = jax.random.fold_in(key, 2)  # Not a third split: the original's keys stay as they were.
+  # Not more splits: the original's keys stay as they were.
+  mix_key, perturbed_key = jax.random.fold_in(key, 2), jax.random.fold_in(key, 3)
   if teacher is None:
     weak = model(unlabeled["weak_image"], train=True, rngs=nnx.Rngs(dropout=weak_key))
     pseudo = make_pseudo_labels(model, weak["logits"], unlabeled, config=config,
@@ -389,11 +394,21 @@ def unlabeled_forward(model: nnx.Module, unlabeled: dict, key: jax.Array, *,
     pseudo = make_pseudo_labels(teacher, weak["logits"], unlabeled, config=config,
                                 inference_features=weak["features"],
                                 class_frequencies=class_frequencies)
-  if config.pseudoseg.cutmix_probability > 0:
+  perturbed = None
+  if options.feature_perturbation == "stream":
+    # The student's own features of the weak view: the teacher's are not the ones being trained.
+    features = (weak["features"] if teacher is None
+                else model.backbone_features(unlabeled["weak_image"], train=True))
+    perturbed = {**pseudo, **model.heads(features, train=True,
+                                         rngs=nnx.Rngs(dropout=perturbed_key),
+                                         feature_dropout=options.feature_dropout)}
+  if options.cutmix_probability > 0:
     weak, pseudo, unlabeled = cutmix_unlabeled(weak, pseudo, unlabeled, mix_key,
-                                               config.pseudoseg.cutmix_probability)
-  strong = model(unlabeled["strong_image"], train=True, rngs=nnx.Rngs(dropout=strong_key))
-  return weak, pseudo, strong, unlabeled
+                                               options.cutmix_probability)
+  strong_dropout = options.feature_dropout if options.feature_perturbation == "strong" else 0.0
+  strong = model(unlabeled["strong_image"], train=True, rngs=nnx.Rngs(dropout=strong_key),
+                 feature_dropout=strong_dropout)
+  return weak, pseudo, strong, unlabeled, perturbed
 
 
 def cutmix_unlabeled(weak: dict, pseudo: dict, unlabeled: dict, key: jax.Array,
@@ -513,9 +528,9 @@ def pseudoseg_loss(params: dict, batch_stats: dict, batch: dict, key: jax.Array,
   labeled_stats = nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
   teacher_model = None if teacher is None else nnx.merge(
       graphdef, jax.lax.stop_gradient(teacher["params"]), teacher["batch_stats"])
-  weak, pseudo, strong, seen = unlabeled_forward(model, unlabeled, unlabeled_key, config=config,
-                                                 teacher=teacher_model,
-                                                 class_frequencies=class_frequencies)
+  weak, pseudo, strong, seen, perturbed = unlabeled_forward(
+      model, unlabeled, unlabeled_key, config=config, teacher=teacher_model,
+      class_frequencies=class_frequencies)
   if options.weak_labels:
     # As the original (cls_with_cls), the classifier then learns from the image-level-labeled pool:
     # on the weak view, or on the strong one (with the mixed labels) when the teacher made the weak.
@@ -525,6 +540,10 @@ def pseudoseg_loss(params: dict, batch_stats: dict, batch: dict, key: jax.Array,
   weight = consistency_weight(config, step)
   terms["consistency"] = weight * losses.consistency_cross_entropy(
       strong["logits"], pseudo["targets"], pseudo["weights"], jnp.sum(pseudo["valid"]))
+  if perturbed is not None:
+    terms["feature_perturbation"] = weight * losses.consistency_cross_entropy(
+        perturbed["logits"], perturbed["targets"], perturbed["weights"],
+        jnp.sum(perturbed["valid"]))
 
   loss = sum(terms.values())
   metrics = {f"train/{name}_loss": value for name, value in terms.items()}
@@ -550,9 +569,9 @@ def pseudo_label_images(params: dict, batch_stats: dict, unlabeled: dict, key: j
   model = nnx.merge(graphdef, params, batch_stats)
   teacher_model = None if teacher is None else nnx.merge(graphdef, teacher["params"],
                                                          teacher["batch_stats"])
-  weak, pseudo, strong, unlabeled = unlabeled_forward(model, unlabeled, key, config=config,
-                                                      teacher=teacher_model,
-                                                      class_frequencies=class_frequencies)
+  weak, pseudo, strong, unlabeled, _ = unlabeled_forward(model, unlabeled, key, config=config,
+                                                         teacher=teacher_model,
+                                                         class_frequencies=class_frequencies)
   size = pseudo["targets"].shape[1:3]
   images = {"pseudo_label": jnp.where(pseudo["weights"] > 0,
                                       jnp.argmax(pseudo["targets"], axis=-1), -1),

@@ -183,6 +183,12 @@ class SGCHead(nnx.Module):
             "offset": self.offset[...]}
 
 
+def drop_channels(x: jax.Array, rate: float, key: jax.Array) -> jax.Array:
+  """Channel-wise dropout of NHWC `x` (PyTorch's Dropout2d): one keep draw per image and channel."""
+  keep = jax.random.bernoulli(key, 1.0 - rate, (x.shape[0], 1, 1, x.shape[-1]))
+  return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
 class DeepLabV3Plus(nnx.Module):
   """DeepLabv3+ segmentation model with a classification head.
 
@@ -225,18 +231,30 @@ class DeepLabV3Plus(nnx.Module):
                        norm_group_size=norm.group_size, param_dtype=param_dtype, rngs=rngs)
     self.uses_dropout = aspp_dropout > 0 or cls_dropout > 0
 
-  def __call__(self, images: jax.Array, *, train: bool,
-               rngs: nnx.Rngs | None = None) -> dict[str, jax.Array | dict[str, jax.Array]]:
+  def __call__(self, images: jax.Array, *, train: bool, rngs: nnx.Rngs | None = None,
+               feature_dropout: float = 0.0) -> dict[str, jax.Array | dict[str, jax.Array]]:
+    """`feature_dropout` > 0 drops whole channels of the features the heads read (see heads)."""
     if train and self.uses_dropout and rngs is None:
       raise ValueError("DeepLabV3Plus(train=True) needs `rngs` (with a 'dropout' or 'default' "
                        "stream) for dropout.")
     features = self.backbone_features(images, train=train)
+    return {**self.heads(features, train=train, rngs=rngs, feature_dropout=feature_dropout),
+            "features": features}
+
+  def heads(self, features: dict[str, jax.Array], *, train: bool, rngs: nnx.Rngs | None,
+            feature_dropout: float = 0.0) -> dict[str, jax.Array]:
+    """'logits' and 'cls_logits' of backbone features. With `feature_dropout` p > 0 each image's
+    low-level and last-stage channels are zeroed with probability p (the rest scaled by 1 / (1 - p)):
+    UniMatch's feature perturbation, drawn from `rngs`."""
+    if feature_dropout > 0:
+      dropped = {name: drop_channels(features[name], feature_dropout, rngs.dropout())
+                 for name in ("stride4", "stage4")}
+      features = {**features, **dropped}
     aspp_out = self.aspp(features["stage4"], train=train, rngs=rngs)
     logits = self.decoder(aspp_out, features["stride4"], train=train)
     cls_logits = self.cls_head(features["stage4"], train=train, rngs=rngs)
     # Losses and pseudo labels want float32 even when the network computes in bfloat16.
-    return {"logits": logits.astype(jnp.float32), "cls_logits": cls_logits.astype(jnp.float32),
-            "features": features}
+    return {"logits": logits.astype(jnp.float32), "cls_logits": cls_logits.astype(jnp.float32)}
 
   def backbone_features(self, images: jax.Array, *, train: bool) -> dict[str, jax.Array]:
     """The backbone's features of canonical images (x / 127.5 - 1), converted first to the input
