@@ -116,6 +116,12 @@ SLOW = {
     "test_steps.py": ("setup",),
     "test_cpu_preset.py": ("test_a_pseudoseg_step_of_the_preset_trains_only_the_unfrozen_layers",),
     "test_confirmation_bias.py": ("remedies_step",),
+    "test_feature_perturbation.py": (
+        "test_heads_of_the_backbone_features_are_the_model",
+        "test_undropped_stream_on_the_strong_view_equals_the_consistency_loss",
+        "test_stream_with_a_mean_teacher_learns_the_teachers_labels",
+        "test_strong_mode_perturbs_only_the_strong_pass",
+        "test_a_step_with_feature_perturbation_trains"),
     "test_mixed_precision.py": ("*",),
     "test_predict.py": ("workdir",),
     "test_convert.py": ("fresh",),
