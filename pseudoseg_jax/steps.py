@@ -399,9 +399,10 @@ def unlabeled_forward(model: nnx.Module, unlabeled: dict, key: jax.Array, *,
     # The student's own features of the weak view: the teacher's are not the ones being trained.
     features = (weak["features"] if teacher is None
                 else model.backbone_features(unlabeled["weak_image"], train=True))
-    perturbed = {**pseudo, **model.heads(features, train=True,
-                                         rngs=nnx.Rngs(dropout=perturbed_key),
-                                         feature_dropout=options.feature_dropout)}
+    dropped = model.heads(features, train=True, rngs=nnx.Rngs(dropout=perturbed_key),
+                          feature_dropout=options.feature_dropout)
+    perturbed = {"logits": dropped["logits"],
+                 **{name: pseudo[name] for name in ("targets", "weights", "valid")}}
   if options.cutmix_probability > 0:
     weak, pseudo, unlabeled = cutmix_unlabeled(weak, pseudo, unlabeled, mix_key,
                                                options.cutmix_probability)
