@@ -275,7 +275,6 @@ def matmul_peak(dtype: str, sizes: Sequence[int], repeats: int = 5, device=None)
     per_size.append({"n": n, "seconds": seconds, "flops": 2 * n**3,
                      "xla_flops": cost_entry(compiled, "flops"),
                      "flops_per_s": 2 * n**3 / seconds})
-    del a, b
   best = max(per_size, key=lambda entry: entry["flops_per_s"])
   return {"matmul_peak_flops_per_s": best["flops_per_s"], "matmul_peak_n": best["n"],
           "matmul_dtype": dtype, "matmul_runs": per_size}

@@ -21,10 +21,11 @@ seed (data.split_seed = seed, so each seed sees other labeled images), and the r
 (ABLATIONS: "paper" is the original's recipe on the preset's model and schedule; "debias" divides
 the teacher's probabilities by the square root of its running class prior, as DebiasPL;
 "debias_image_labels" does so with image-level labels; "feature_perturbation" adds UniMatch's
-stream of channel-dropped features, "feature_perturbation_strong" drops them in the strong pass);
-and the ceiling, supervised on all of train, at the --ceiling_seeds (default: the first seed only;
-its labels are the same at every seed, only the training randomness differs). Every run has the same steps and
-batches; each is the ordinary training command in its own workdir under --out, so an
+stream of channel-dropped features, "feature_perturbation_strong" drops them in the strong pass;
+"claim_present_classes" scales each class the image holds to a peak of 1,
+"claim_present_classes_image_labels" with image-level labels); and the ceiling, supervised on all
+of train, at the --ceiling_seeds (default: the first seed only; its labels are the same at every
+seed, only the training randomness differs). Every run has the same steps and batches; each is the ordinary training command in its own workdir under --out, so an
 interrupted benchmark resumes. The table goes to stdout and OUT/results.md, the numbers to
 OUT/results.json. It is a benchmark, not a test: on a 2-core CPU about 8 (supervised) and 15
 (PseudoSeg) minutes per run at the preset's 500 steps, 5 and 10 with --steps=250.
@@ -68,6 +69,9 @@ ABLATIONS = {
     "debias_image_labels": {**DEBIAS, "pseudoseg.weak_labels": True},
     "feature_perturbation": {"pseudoseg.feature_perturbation": "stream"},
     "feature_perturbation_strong": {"pseudoseg.feature_perturbation": "strong"},
+    "claim_present_classes": {"pseudoseg.claim_present_classes": True},
+    "claim_present_classes_image_labels": {"pseudoseg.claim_present_classes": True,
+                                           "pseudoseg.weak_labels": True},
 }
 
 

@@ -173,6 +173,11 @@ def base_config() -> ml_collections.ConfigDict:
   # With weak_labels: the pseudo labels keep only the classes the image-level labels name
   # (pseudo_labels.restrict_to_present_classes). False = the original (only the CAM uses them).
   config.pseudoseg.restrict_to_image_labels = False
+  # True: a class the image holds (its image-level labels name it, else the classifier guesses
+  # it) that no pixel's argmax gives has its probabilities scaled to a peak of 1 over the image
+  # (pseudo_labels.claim_present_classes), so a rare class the teacher under-predicts claims its
+  # likeliest pixels. Not in the original.
+  config.pseudoseg.claim_present_classes = False
   # Which training passes move the batch-norm running statistics that evaluation uses: "all" (the
   # original: labeled images and the unlabeled strong view alike) or "labeled" (the strong view's
   # cutout, jitter and CutMix boxes stay out of the statistics the clean validation images meet).
@@ -319,6 +324,11 @@ def _validate_pseudoseg(section: ml_collections.ConfigDict) -> None:
                      f"{section.distribution_alignment_strength}.")
   if section.cutout_size < 0:
     raise ValueError(f"config.pseudoseg.cutout_size must be >= 0, got {section.cutout_size}.")
+  if (section.claim_present_classes and not section.weak_labels
+      and section.pseudo_label_source == "decoder"):
+    raise ValueError("config.pseudoseg.claim_present_classes needs the classes each image holds: "
+                     "image-level labels (pseudoseg.weak_labels=True) or the classifier's guess, "
+                     "which pseudo_label_source='decoder' does not compute; use 'fusion' or 'sgc'.")
   _check_color_jitter(tuple(section.color_jitter))
 
 

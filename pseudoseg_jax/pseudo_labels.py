@@ -234,6 +234,29 @@ def restrict_to_present_classes(probs: jax.Array, image_labels: jax.Array) -> ja
   return kept / jnp.maximum(jnp.sum(kept, axis=-1, keepdims=True), 1e-12)
 
 
+def claim_present_classes(probs: jax.Array, image_labels: jax.Array, valid: jax.Array) -> jax.Array:
+  """probs [N, H, W, C] with each foreground class that image_labels [N, C - 1] name but that is
+  the argmax of none of the image's valid [N, H, W] pixels divided by its peak over them, then
+  renormalized.
+
+  A teacher that learned a class from few labeled images gives it low probabilities everywhere,
+  so the argmax hands its pixels to a frequent neighbour and self-training teaches the network to
+  drop it. An image-level label says the class is there: scaled to a peak of 1, like a normalized
+  CAM, it claims at least its likeliest pixels. Every other class is left as it is: the classes
+  the pseudo labels already hold, the classes the labels do not name (restrict_to_present_classes
+  removes them), and class 0, which the labels never name (it may be absent: Stanford
+  Background's sky), so a claim moves pixels only to a class the image misses.
+  """
+  is_valid = valid[..., None] > 0
+  named = jnp.concatenate([jnp.zeros_like(image_labels[:, :1]), image_labels], axis=-1) > 0
+  is_argmax = jax.nn.one_hot(jnp.argmax(probs, axis=-1), probs.shape[-1], dtype=jnp.bool_)
+  missing = named & ~jnp.any(is_argmax & is_valid, axis=(1, 2))
+  peak = jnp.max(jnp.where(is_valid, probs, 0), axis=(1, 2))
+  scale = jnp.where(missing, 1.0 / jnp.maximum(peak, FREQUENCY_EPSILON), 1.0)
+  scaled = probs * scale[:, None, None, :].astype(probs.dtype)
+  return scaled / jnp.maximum(jnp.sum(scaled, axis=-1, keepdims=True), 1e-12)
+
+
 def align_distribution(probs: jax.Array, target_frequencies: jax.Array,
                        predicted_frequencies: jax.Array, strength: float = 1.0) -> jax.Array:
   """probs [N, H, W, C] times (target / predicted frequency)^strength per class, renormalized.

@@ -316,6 +316,8 @@ def make_pseudo_labels(model: nnx.Module, weak_logits: jax.Array, unlabeled: dic
   size = weak_logits.shape[1:3]
   valid = pseudo_labels.resize_nearest(unlabeled["valid"], size).astype(jnp.float32)
   outputs = {"valid": valid}
+  # The classes the image holds: its image-level labels, else (for the CAM) the classifier's guess.
+  image_labels = unlabeled["image_labels"] if options.weak_labels else None
   if options.pseudo_label_source == "decoder":
     probs = jax.nn.softmax(weak_logits, axis=-1)
   else:
@@ -323,9 +325,7 @@ def make_pseudo_labels(model: nnx.Module, weak_logits: jax.Array, unlabeled: dic
     # uses batch statistics.
     features = (model.backbone_features(unlabeled["weak_image"], train=False)
                 if inference_features is None else inference_features)
-    if options.weak_labels:
-      image_labels = unlabeled["image_labels"]
-    else:
+    if image_labels is None:
       image_labels = pseudo_labels.predicted_image_labels(
           model.cls_head(features["stage4"], train=False, rngs=None))
     cam = class_activation_maps(model, features, image_labels)
@@ -342,6 +342,8 @@ def make_pseudo_labels(model: nnx.Module, weak_logits: jax.Array, unlabeled: dic
     probs = pseudo_labels.align_distribution(
         probs, alignment_target(class_frequencies["labeled"], options.distribution_alignment_target),
         class_frequencies["predicted"], options.distribution_alignment_strength)
+  if options.claim_present_classes:
+    probs = pseudo_labels.claim_present_classes(probs, image_labels, valid)
   if options.weak_labels and options.restrict_to_image_labels:
     probs = pseudo_labels.restrict_to_present_classes(probs, unlabeled["image_labels"])
   if options.soft_labels:

@@ -115,7 +115,8 @@ SLOW = {
                                "test_pseudoseg_loss_does_not_depend_on_the_device_count"),
     "test_steps.py": ("setup",),
     "test_cpu_preset.py": ("test_a_pseudoseg_step_of_the_preset_trains_only_the_unfrozen_layers",),
-    "test_confirmation_bias.py": ("remedies_step",),
+    "test_confirmation_bias.py": (
+        "remedies_step", "test_without_image_labels_the_classifier_names_what_to_claim"),
     "test_feature_perturbation.py": (
         "test_heads_of_the_backbone_features_are_the_model",
         "test_undropped_stream_on_the_strong_view_equals_the_consistency_loss",

@@ -1,6 +1,6 @@
 """The remedies for confirmation bias (config.pseudoseg: teacher, cutmix_probability,
-class_balanced_fraction, distribution_alignment, batch_stats_from): known answers for each piece,
-then one tiny step with all of them."""
+class_balanced_fraction, distribution_alignment, claim_present_classes, batch_stats_from): known
+answers for each piece, then one tiny step with all of them."""
 
 import functools
 
@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from pseudoseg_jax import config as config_lib
 from pseudoseg_jax import mixing, pseudo_labels, steps
@@ -107,6 +108,71 @@ def test_restricting_to_image_labels_moves_absent_classes_to_present_ones():
   np.testing.assert_allclose(restricted[1, 0, 0], [0.1, 0.6, 0.3], rtol=1e-6)
 
 
+def test_claiming_scales_each_named_class_the_argmax_misses_to_its_peak_over_valid_pixels():
+  # One image, three pixels, classes 0-3; its labels name classes 2 and 3, not class 1. Class 3 is
+  # already the argmax of a valid pixel; class 2 is of none, but of the padding pixel, whose 0.8
+  # sets no peak.
+  probs = jnp.array([[0.6, 0.2, 0.1, 0.1], [0.5, 0.3, 0.05, 0.15], [0.1, 0.05, 0.8, 0.05],
+                     [0.1, 0.1, 0.1, 0.7]]).reshape(1, 1, 4, 4)
+  valid = jnp.array([[[1.0, 1.0, 0.0, 1.0]]])
+  claimed = np.asarray(pseudo_labels.claim_present_classes(probs, jnp.array([[0.0, 1.0, 1.0]]),
+                                                           valid))
+  # Scales: class 2 by 1 / 0.1; classes 0 (never named), 1 (not named) and 3 (present) by 1.
+  expected = np.asarray(probs).reshape(4, 4) * [1.0, 1.0, 10.0, 1.0]
+  np.testing.assert_allclose(claimed.reshape(4, 4), expected / expected.sum(-1, keepdims=True),
+                             rtol=1e-5)
+  assert np.argmax(claimed[0, 0, 0]) == 2  # Class 2 now claims its likeliest pixel.
+  # Named classes that the argmax already holds leave the probabilities as they are.
+  held = pseudo_labels.claim_present_classes(probs, jnp.array([[0.0, 0.0, 1.0]]), valid)
+  np.testing.assert_allclose(held, probs, rtol=1e-6)
+
+
+def test_pseudo_labels_claim_the_classes_the_image_labels_name():
+  config = tiny_config(pseudo_label_source="decoder", weak_labels=True, soft_labels=False,
+                       claim_present_classes=True)
+  # The last class is unlikely everywhere (as a rare class is), and image 0's labels name it.
+  logits = jax.random.normal(jax.random.key(1), (2, 3, 3, NUM_CLASSES)).at[..., -1].add(-3.0)
+  labels = jnp.zeros((2, NUM_CLASSES - 1)).at[0, -1].set(1.0)
+  unlabeled = {"valid": jnp.ones((2, 3, 3), jnp.int32), "image_labels": labels}
+  pseudo = steps.make_pseudo_labels(None, logits, unlabeled, config=config)
+  claimed = pseudo_labels.claim_present_classes(jax.nn.softmax(logits, -1), labels,
+                                                jnp.ones((2, 3, 3)))
+  np.testing.assert_array_equal(np.argmax(pseudo["targets"], -1), np.argmax(claimed, -1))
+  # Not vacuous: the claim moved some pixel of image 0 to the class it names, and none of
+  # image 1, which names none.
+  plain = np.argmax(logits, -1)
+  moved = np.argmax(pseudo["targets"], -1) != plain
+  assert np.all(np.argmax(pseudo["targets"], -1)[moved] == NUM_CLASSES - 1)
+  assert moved[0].any() and not moved[1].any()
+
+
+def test_without_image_labels_the_classifier_names_what_to_claim():
+  config = tiny_config(soft_labels=True, temperature=1.0)
+  graphdef, params, batch_stats = steps.init_model(config, 0)
+  model = nnx.merge(graphdef, params, batch_stats)
+  unlabeled = random_batch(2)["unlabeled"]
+  unlabeled = {key: unlabeled[key] for key in ("weak_image", "valid")}  # No image labels.
+  weak_logits = model(unlabeled["weak_image"], train=False)["logits"]
+  fused = steps.make_pseudo_labels(model, weak_logits, unlabeled, config=config)
+  config.pseudoseg.claim_present_classes = True
+  claimed = steps.make_pseudo_labels(model, weak_logits, unlabeled, config=config)
+  features = model.backbone_features(unlabeled["weak_image"], train=False)
+  guess = pseudo_labels.predicted_image_labels(model.cls_head(features["stage4"], train=False,
+                                                              rngs=None))
+  np.testing.assert_allclose(
+      claimed["targets"],
+      pseudo_labels.claim_present_classes(fused["targets"], guess, fused["valid"]), rtol=1e-5,
+      atol=1e-7)
+  assert np.max(np.abs(claimed["targets"] - fused["targets"])) > 0.01  # The guess claimed some.
+
+
+def test_config_refuses_claiming_classes_it_cannot_know():
+  with pytest.raises(ValueError, match="claim_present_classes"):
+    tiny_config(pseudo_label_source="decoder", claim_present_classes=True)
+  tiny_config(pseudo_label_source="decoder", weak_labels=True, claim_present_classes=True)
+  tiny_config(claim_present_classes=True)  # The fusion has the classifier's guess.
+
+
 def test_distribution_alignment_known_answer():
   probs = jnp.array([0.5, 0.3, 0.2]).reshape(1, 1, 1, 3)
   aligned = pseudo_labels.align_distribution(probs, jnp.array([0.2, 0.3, 0.5]),
@@ -181,7 +247,8 @@ def test_config_rejects_unknown_teacher():
 def remedies_step():
   config = tiny_config(teacher="ema", ema_decay=0.9, cutmix_probability=1.0, soft_labels=False,
                        confidence_threshold=0.5, class_balanced_fraction=0.5, weak_labels=True,
-                       distribution_alignment=True, distribution_alignment_momentum=0.9)
+                       distribution_alignment=True, distribution_alignment_momentum=0.9,
+                       claim_present_classes=True)
   graphdef, _, state = steps.create_train_state(config, 0)
   step = jax.jit(functools.partial(steps.train_step, graphdef=graphdef, config=config))
   return config, state, step
