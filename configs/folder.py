@@ -34,11 +34,13 @@ steps/s supervised and 0.57-0.64 PseudoSeg, so about 8 and 15 min per run (steps
 Result (benchmarks/label_scarce.py, Stanford Background, 1/32 labeled = 18 photos, 3 seeds, val
 mIoU; README.md, "Real photos with few labels"): 500 steps, supervised 51.2 +- 7.0, PseudoSeg
 53.4 +- 4.0 (gain +2.1 +- 3.1: +5.5, +1.5, -0.6 per seed), with image-level labels 52.7 +- 5.9,
-all 572 labeled 60.6; 250 steps, supervised 46.5 +- 6.2, PseudoSeg 47.8 +- 4.9 (gain +1.3 +- 2.7),
-at 1/8 a gain of +0.7 +- 2.5. Options tried on top of it and not adopted (distribution alignment,
-DebiasPL's debiasing: 53.6 +- 4.0 at 500 steps, a recent-model teacher warm-up, Adam, a longer
-ramp, decoder-only labels, the paper's own recipe, narrower training scales): BENCHMARKS.md,
-2026-12-05; `benchmarks/label_scarce.py --ablations=...` reruns most of them.
+all 572 labeled 60.6; at 1/16 (36 photos, within 1-3 points of the ceiling) supervised
+58.3 +- 1.2 and PseudoSeg 57.2 +- 2.2 (gain -1.1 +- 1.0); 250 steps, supervised 46.5 +- 6.2,
+PseudoSeg 47.8 +- 4.9 (gain +1.3 +- 2.7), at 1/8 a gain of +0.7 +- 2.5. Options tried on top of
+it and not adopted (distribution alignment, DebiasPL's debiasing: 53.6 +- 4.0 at 500 steps, a
+recent-model teacher warm-up, Adam, a longer ramp, decoder-only labels, the paper's own recipe,
+narrower training scales, feature perturbation, claiming the classes image labels name):
+BENCHMARKS.md, 2026-12-05 and 06; `benchmarks/label_scarce.py --ablations=...` reruns most.
 
 preset=gpu (the default): ResNet-50 from scratch with Adam, 20,000 steps of crop 321, the paper's
 PseudoSeg (soft fused labels, the network as its own teacher). For a GPU; NOT measured on real data
