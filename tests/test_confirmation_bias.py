@@ -109,9 +109,8 @@ def test_restricting_to_image_labels_moves_absent_classes_to_present_ones():
 
 
 def test_claiming_scales_each_named_class_the_argmax_misses_to_its_peak_over_valid_pixels():
-  # One image, three pixels, classes 0-3; its labels name classes 2 and 3, not class 1. Class 3 is
-  # already the argmax of a valid pixel; class 2 is of none, but of the padding pixel, whose 0.8
-  # sets no peak.
+  # One image, four pixels, classes 0-3; its labels name classes 2 and 3, not class 1. Class 3 is
+  # already the argmax of a valid pixel; class 2 only of the padding pixel, whose 0.8 sets no peak.
   probs = jnp.array([[0.6, 0.2, 0.1, 0.1], [0.5, 0.3, 0.05, 0.15], [0.1, 0.05, 0.8, 0.05],
                      [0.1, 0.1, 0.1, 0.7]]).reshape(1, 1, 4, 4)
   valid = jnp.array([[[1.0, 1.0, 0.0, 1.0]]])
