@@ -320,7 +320,7 @@ def machine() -> dict:
           "default_matmul_precision": str(jax.config.jax_default_matmul_precision)}
 
 
-def shared_data_dir() -> str:
-  """Genuine sample photos: $PSEUDOSEG_SHARED_DATA, else the repository's own tests/data (the
+def sample_photos_dir() -> str:
+  """Genuine sample photos: $PSEUDOSEG_SAMPLE_PHOTOS, else the repository's own tests/data (the
   3 VOC photos the tests use; sources in tests/data/SOURCES.md)."""
-  return os.environ.get("PSEUDOSEG_SHARED_DATA", os.path.join(REPO, "tests", "data"))
+  return os.environ.get("PSEUDOSEG_SAMPLE_PHOTOS", os.path.join(REPO, "tests", "data"))

@@ -10,7 +10,7 @@ Images go through the trainer's own code: a folder dataset (pseudoseg_jax/data/d
 JPEG decoded by tf.io.decode_image, palette masks read as indices) under the trainer's streams
 (pipeline.labeled_stream / unlabeled_stream with SPEC's scales 0.5-2, colour jitter and cutout).
 Without --root the folder is written to a temporary directory: --num_images copies of the genuine
-VOC photos in the shared sample data ($PSEUDOSEG_SHARED_DATA or the repository's tests/data; see the
+VOC sample photos ($PSEUDOSEG_SAMPLE_PHOTOS or the repository's tests/data; see the
 repository), or of generated 500x375 JPEGs where those are missing (--photos=generated forces it).
 
 Rates: each stream alone, consumed as fast as it comes, after --warmup batches, with tf.data's
@@ -95,9 +95,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 
 # ---------------------------------------------------------------- the JPEG folder
-def voc_photos(shared_dir: str) -> list[tuple[str, str]]:
+def voc_photos(photos_dir: str) -> list[tuple[str, str]]:
   """(JPEG, palette mask) pairs of the genuine VOC sample, or [] where it is missing."""
-  root = os.path.join(shared_dir, VOC_SAMPLE)
+  root = os.path.join(photos_dir, VOC_SAMPLE)
   pairs = []
   for image_path in sorted(glob.glob(os.path.join(root, "JPEGImages", "*.jpg"))):
     stem = os.path.splitext(os.path.basename(image_path))[0]
@@ -149,10 +149,10 @@ def prepare_root(args, scratch: str) -> tuple[str, str]:
   """(folder dataset root, what its images are)."""
   if args.root:
     return args.root, f"folder {args.root}"
-  photos = [] if args.photos == "generated" else voc_photos(common.shared_data_dir())
+  photos = [] if args.photos == "generated" else voc_photos(common.sample_photos_dir())
   if not photos and args.photos == "voc":
-    raise FileNotFoundError(f"No VOC sample under {common.shared_data_dir()}/{VOC_SAMPLE}; set "
-                            "PSEUDOSEG_SHARED_DATA or use --photos=generated.")
+    raise FileNotFoundError(f"No VOC sample under {common.sample_photos_dir()}/{VOC_SAMPLE}; set "
+                            "PSEUDOSEG_SAMPLE_PHOTOS or use --photos=generated.")
   what = "genuine VOC 2012 photos"
   if not photos:
     photos, what = generated_photos(os.path.join(scratch, "photos")), "generated JPEGs"

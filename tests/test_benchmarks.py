@@ -160,7 +160,7 @@ def test_the_peer_is_compared_only_in_its_own_setting():
 # ---------------------------------------------------------------- input_pipeline.py
 def test_input_pipeline_benchmark_reports_rates_and_the_wait(capsys, monkeypatch, sample_data_dir):
   # The benchmark's own knob for where its VOC photos are: here the copies under tests/data.
-  monkeypatch.delenv("PSEUDOSEG_SHARED_DATA", raising=False)  # The default: tests/data.
+  monkeypatch.delenv("PSEUDOSEG_SAMPLE_PHOTOS", raising=False)  # The default: tests/data.
   result = input_pipeline.main(["--crop=65", "--labeled=2", "--unlabeled=2", "--batches=2",
                                 "--warmup=1", "--num_images=4", "--threads=1,0",
                                 "--step_seconds=0.05", "--wait_steps=3", "--wait_warmup=1",

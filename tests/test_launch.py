@@ -32,13 +32,13 @@ def write_program(path, text):
 
 # ------------------------------------------------------------------------------ sweep
 def test_sweep_dry_run_prints_five_voc_splits_times_three_seeds():
-  completed = run_tool(["launch/sweep.py", "--sweep=voc_classic", "--workdir_root=/shared/voc",
-                        "--dry_run", "--", "--config.data.manual_dir=/shared/manual"])
+  completed = run_tool(["launch/sweep.py", "--sweep=voc_classic", "--workdir_root=/data/voc",
+                        "--dry_run", "--", "--config.data.manual_dir=/data/manual"])
   assert completed.returncode == 0, completed.stderr
   commands = [shlex.split(line) for line in completed.stdout.splitlines()]
   assert commands[0] == PYTHON_MAIN + [
-      "--config=configs/voc_pseudoseg.py:split=92", "--workdir=/shared/voc/split-92_seed-0",
-      "--config.seed=0", "--config.data.manual_dir=/shared/manual"]
+      "--config=configs/voc_pseudoseg.py:split=92", "--workdir=/data/voc/split-92_seed-0",
+      "--config.seed=0", "--config.data.manual_dir=/data/manual"]
   runs = {(command[3], command[5]) for command in commands}
   assert runs == {(f"--config=configs/voc_pseudoseg.py:split={split}", f"--config.seed={seed}")
                   for split in recipes.VOC_CLASSIC_SPLITS for seed in range(3)}
@@ -92,8 +92,8 @@ def test_sweep_refuses_a_malformed_axis():
 
 
 # ------------------------------------------------------------------------------ TPU pod
-TPU_TRAIN_ARGS = ["--config=configs/voc_pseudoseg.py:split=92", "--workdir=/mnt/shared/w/voc 92",
-                  "--config.data.manual_dir=/mnt/shared/voc"]
+TPU_TRAIN_ARGS = ["--config=configs/voc_pseudoseg.py:split=92", "--workdir=/mnt/data/w/voc 92",
+                  "--config.data.manual_dir=/mnt/data/voc"]
 
 
 def test_tpu_pod_dry_run_sets_up_every_worker_then_runs_main_on_all():
@@ -128,7 +128,7 @@ def test_tpu_pod_detached_run_logs_on_each_worker():
   (train,) = [shlex.split(line) for line in completed.stdout.splitlines()]
   assert train[-1].removeprefix("--command=").split(" && ")[-1] == (
       "nohup python -m pseudoseg_jax.main --config=configs/voc_pseudoseg.py:split=92 "
-      "'--workdir=/mnt/shared/w/voc 92' --config.data.manual_dir=/mnt/shared/voc "
+      "'--workdir=/mnt/data/w/voc 92' --config.data.manual_dir=/mnt/data/voc "
       "> 'logs/voc 92.log' 2>&1 < /dev/null &")
 
 
@@ -180,7 +180,7 @@ sys.exit(int(os.environ.get("FAKE_EXIT", "0")))
   return env, tmp_path
 
 
-SLURM_TRAIN_ARGS = ["--config=configs/voc_pseudoseg.py:split=92", "--workdir=/shared/w/voc_92"]
+SLURM_TRAIN_ARGS = ["--config=configs/voc_pseudoseg.py:split=92", "--workdir=/data/w/voc_92"]
 
 
 def run_sbatch_script(env):
