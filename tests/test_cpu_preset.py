@@ -39,6 +39,7 @@ def test_cpu_preset_is_the_pretrained_light_recipe(preset_config):
   assert config.model.frozen_backbone_blocks == 8
   assert config.pseudoseg.teacher == "ema"
   assert config.pseudoseg.cutmix_probability > 0 and config.pseudoseg.class_balanced_fraction > 0
+  assert config.pseudoseg.batch_stats_from == "labeled"
   assert config.crop_size % 32 == 1  # Where 'SAME' padding equals the model's symmetric padding.
   # The schedule label_scarce.py measured, and a ramp-up over its first fifth whatever steps=N.
   assert (config.total_steps, config.pseudoseg.consistency_rampup_steps) == (500, 100)
