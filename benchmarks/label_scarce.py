@@ -25,10 +25,10 @@ stream of channel-dropped features, "feature_perturbation_strong" drops them in 
 "claim_present_classes" scales each class the image holds to a peak of 1,
 "claim_present_classes_image_labels" with image-level labels; "batch_stats_from_all" lets the
 strong views move the batch-norm statistics, as the paper and the preset before 2026-12-06 did);
-and the ceiling, supervised on all
-of train, at the --ceiling_seeds (default: the first seed only; its labels are the same at every
-seed, only the training randomness differs). Every run has the same steps and batches; each is the ordinary training command in its own workdir under --out, so an
-interrupted benchmark resumes. The table goes to stdout and OUT/results.md, the numbers to
+and the ceiling, supervised on all of train, at the --ceiling_seeds (default: the first seed
+only; its labels are the same at every seed, only the training randomness differs). Every run has
+the same steps and batches; each is the ordinary training command in its own workdir under
+--out, so an interrupted benchmark resumes. The table goes to stdout and OUT/results.md, the numbers to
 OUT/results.json. It is a benchmark, not a test: on a 2-core CPU about 8 (supervised) and 15
 (PseudoSeg) minutes per run at the preset's 500 steps, 5 and 10 with --steps=250.
 """
@@ -74,7 +74,7 @@ ABLATIONS = {
     "claim_present_classes": {"pseudoseg.claim_present_classes": True},
     "claim_present_classes_image_labels": {"pseudoseg.claim_present_classes": True,
                                            "pseudoseg.weak_labels": True},
-  "batch_stats_from_all": {"pseudoseg.batch_stats_from": "all"},
+    "batch_stats_from_all": {"pseudoseg.batch_stats_from": "all"},
 }
 
 

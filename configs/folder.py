@@ -31,9 +31,9 @@ the most confident half of each class counts (class_balanced_fraction 0.5; the t
 nominal: the calibrated fusion's probabilities did not reach it in the runs measured, BENCHMARKS.md
 2026-12-06), CutMix with probability 0.5, a consistency ramp-up over the first fifth of the
 steps, batch-norm running statistics from the labeled pass only (batch_stats_from=labeled), and
-with weak_labels=true pseudo labels restricted to the image-level labels. Hardware
-and time: 2 CPU cores, 320x240 photos, 1.1-1.3 steps/s supervised and 0.57-0.64 PseudoSeg, so
-about 8 and 15 min per run (steps=250: 5 and 10).
+with weak_labels=true pseudo labels restricted to the image-level labels. Hardware and time: 2
+CPU cores, 320x240 photos, 1.1-1.3 steps/s supervised and 0.57-0.64 PseudoSeg, so about 8 and
+15 min per run (steps=250: 5 and 10).
 Result (benchmarks/label_scarce.py, Stanford Background, 3 seeds, val mIoU; README.md, "Real
 photos with few labels"), 500 steps: at 1/32 labeled (18 photos) supervised 51.2 +- 7.0,
 PseudoSeg 53.0 +- 5.1 (gain +1.8 +- 2.0: +3.9, +1.7, -0.1 per seed), with image-level labels
