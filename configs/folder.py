@@ -39,7 +39,8 @@ photos with few labels"), 500 steps: at 1/32 labeled (18 photos) supervised 51.2
 PseudoSeg 53.0 +- 5.1 (gain +1.8 +- 2.0: +3.9, +1.7, -0.1 per seed), with image-level labels
 53.4 +- 6.3 (gain +2.1 +- 0.7); at 1/16 (36 photos, within 1-3 points of the ceiling)
 supervised 58.3 +- 1.2 and PseudoSeg 58.7 +- 1.2 (gain +0.4 +- 0.7); all 572 labeled 60.6. At
-250 steps, before batch_stats_from=labeled: gains +1.3 +- 2.7 at 1/32 and +0.7 +- 2.5 at 1/8.
+250 steps: gains +1.5 +- 3.8 at 1/32 (+1.4 +- 3.0 with image-level labels) and +0.9 +- 2.7 at
+1/8 (supervised 46.6 +- 6.1 and 49.8 +- 2.5; all 572 labeled 51.3).
 Options tried on top of it and not adopted (distribution alignment, DebiasPL's debiasing, a
 recent-model teacher warm-up, Adam, a longer ramp, decoder-only labels, the paper's own recipe,
 narrower training scales, feature perturbation, claiming the classes image labels name):
