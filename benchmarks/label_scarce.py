@@ -28,9 +28,9 @@ strong views move the batch-norm statistics, as the paper and the preset before 
 and the ceiling, supervised on all of train, at the --ceiling_seeds (default: the first seed
 only; its labels are the same at every seed, only the training randomness differs). Every run has
 the same steps and batches; each is the ordinary training command in its own workdir under
---out, so an interrupted benchmark resumes. The table goes to stdout and OUT/results.md, the numbers to
-OUT/results.json. It is a benchmark, not a test: on a 2-core CPU about 8 (supervised) and 15
-(PseudoSeg) minutes per run at the preset's 500 steps, 5 and 10 with --steps=250.
+--out, so an interrupted benchmark resumes. The table goes to stdout and OUT/results.md, the
+numbers to OUT/results.json. It is a benchmark, not a test: on a 2-core CPU about 8 (supervised)
+and 15 (PseudoSeg) minutes per run at the preset's 500 steps, 5 and 10 with --steps=250.
 """
 
 from __future__ import annotations
